@@ -1,0 +1,213 @@
+//! # coterie-transport
+//!
+//! Authenticated, encrypted duplex byte streams to a peer named by its
+//! Ed25519 key. Nothing above this crate sees an unauthenticated byte.
+//!
+//! ```text
+//!          node (XMPP stream, sessions)
+//!                     │  Authenticated { peer, carrier, io }
+//!        ┌────────────┼─────────────┐
+//!   TcpTransport  QuicTransport  MemoryTransport      (Tor: later, same TLS)
+//!   tokio-rustls  quinn          in-process pipes
+//!        └──── one TlsContext, one verifier module ───┘
+//! ```
+//!
+//! What this crate does **not** do: XML, message framing, retries, choosing
+//! which address to dial. Those belong to `node`.
+//!
+//! Every carrier runs TLS 1.3 with RFC 7250 raw public keys in both
+//! directions. The dialer pins one key; the listener admits keys through a
+//! [`PeerPolicy`]. A refused key fails the handshake before any application
+//! data is read (see [`verifier`]).
+
+pub mod identity;
+pub mod memory;
+pub mod quic;
+pub mod tcp;
+pub mod tls;
+pub mod verifier;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub use identity::{PeerId, PeerIdError, SecretKey};
+pub use tls::{TlsContext, TlsSetupError};
+pub use verifier::PeerPolicy;
+
+/// How long a TLS handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many handshakes a listener runs at once; more wait (slow-loris bound).
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 64;
+
+/// A boxed future, for object-safe async trait methods.
+pub type BoxFuture<'a, T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// The byte stream of an authenticated connection.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// Which carrier a stream runs over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Carrier {
+    /// TLS over TCP.
+    Tcp,
+    /// QUIC (TLS inside).
+    Quic,
+    /// In-process pipes (tests).
+    Memory,
+}
+
+impl fmt::Display for Carrier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Carrier::Tcp => "tcp",
+            Carrier::Quic => "quic",
+            Carrier::Memory => "memory",
+        })
+    }
+}
+
+/// Where a peer can be dialled.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PeerAddr {
+    /// `tcp:IP:PORT`
+    Tcp(SocketAddr),
+    /// `quic:IP:PORT`
+    Quic(SocketAddr),
+    /// `mem:NAME`
+    Memory(String),
+}
+
+impl PeerAddr {
+    /// The carrier this address is for.
+    pub fn carrier(&self) -> Carrier {
+        match self {
+            PeerAddr::Tcp(_) => Carrier::Tcp,
+            PeerAddr::Quic(_) => Carrier::Quic,
+            PeerAddr::Memory(_) => Carrier::Memory,
+        }
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerAddr::Tcp(a) => write!(f, "tcp:{a}"),
+            PeerAddr::Quic(a) => write!(f, "quic:{a}"),
+            PeerAddr::Memory(n) => write!(f, "mem:{n}"),
+        }
+    }
+}
+
+/// A string that is not a peer address.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("not a peer address: expected tcp:IP:PORT, quic:IP:PORT or mem:NAME")]
+pub struct BadPeerAddr;
+
+impl FromStr for PeerAddr {
+    type Err = BadPeerAddr;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (scheme, rest) = s.split_once(':').ok_or(BadPeerAddr)?;
+        match scheme {
+            "tcp" => rest.parse().map(PeerAddr::Tcp).map_err(|_| BadPeerAddr),
+            "quic" => rest.parse().map(PeerAddr::Quic).map_err(|_| BadPeerAddr),
+            "mem" if !rest.is_empty() && rest.len() <= 64 => Ok(PeerAddr::Memory(rest.to_string())),
+            _ => Err(BadPeerAddr),
+        }
+    }
+}
+
+/// A stream whose other end proved it holds `peer`'s key.
+pub struct Authenticated {
+    /// The peer's identity, as proven in the handshake.
+    pub peer: PeerId,
+    /// The carrier.
+    pub carrier: Carrier,
+    /// The remote socket address, where there is one.
+    pub remote: Option<SocketAddr>,
+    /// 32 bytes from the TLS exporter: the same on both ends of this one
+    /// connection and on no other. Application proofs are bound to it.
+    pub channel_binding: [u8; 32],
+    /// The byte stream.
+    pub io: Box<dyn Io>,
+}
+
+impl fmt::Debug for Authenticated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticated")
+            .field("peer", &self.peer)
+            .field("carrier", &self.carrier)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a dial did not produce an authenticated stream.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The address is for another carrier than this transport.
+    #[error("{0} cannot be dialled by this transport")]
+    WrongCarrier(Carrier),
+    /// The peer could not be reached at all.
+    #[error("could not reach the peer: {0}")]
+    Unreachable(std::io::Error),
+    /// The handshake did not finish in time.
+    #[error("the TLS handshake timed out")]
+    Timeout,
+    /// The handshake failed: wrong key, refused by the peer, or a protocol error.
+    #[error("TLS handshake failed: {0}")]
+    Handshake(String),
+    /// TLS could not be configured.
+    #[error(transparent)]
+    Setup(#[from] TlsSetupError),
+}
+
+/// A carrier that can dial a peer and hand back an authenticated stream.
+pub trait Transport: Send + Sync + fmt::Debug {
+    /// The carrier this transport dials.
+    fn carrier(&self) -> Carrier;
+    /// Dials `addr`, which must answer with `expected`'s key.
+    fn dial<'a>(
+        &'a self,
+        addr: &'a PeerAddr,
+        expected: PeerId,
+    ) -> BoxFuture<'a, Result<Authenticated, DialError>>;
+}
+
+pub(crate) fn channel_binding_from(
+    f: impl FnOnce(&mut [u8; 32]) -> Result<(), rustls::Error>,
+) -> Result<[u8; 32], String> {
+    let mut out = [0u8; 32];
+    f(&mut out).map_err(|e| format!("TLS exporter failed: {e}"))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn peer_addr_parses_and_prints() {
+        for s in ["tcp:127.0.0.1:5000", "quic:[::1]:7", "mem:alice"] {
+            let a: PeerAddr = s.parse().expect("parses");
+            assert_eq!(a.to_string(), s);
+        }
+        for bad in ["", "tcp:", "udp:1.2.3.4:5", "tcp:host:5", "mem:"] {
+            assert_eq!(bad.parse::<PeerAddr>(), Err(BadPeerAddr), "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn peer_addr_roundtrip(ip in any::<[u8; 4]>(), port in any::<u16>(), quic in any::<bool>()) {
+            let sa = SocketAddr::from((ip, port));
+            let a = if quic { PeerAddr::Quic(sa) } else { PeerAddr::Tcp(sa) };
+            prop_assert_eq!(a.to_string().parse::<PeerAddr>(), Ok(a));
+        }
+    }
+}
