@@ -1,1 +1,2 @@
-
+//! # coterie-node
+pub mod store;

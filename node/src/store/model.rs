@@ -1,0 +1,207 @@
+//! What the store holds. Every one of these is sealed before it touches disk.
+
+use serde::{Deserialize, Serialize};
+
+/// The profile's own identity and settings.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Profile {
+    /// Display name (the localpart of the JID).
+    pub name: String,
+    /// Ed25519 seed of the identity key.
+    pub seed: [u8; 32],
+    /// Unix seconds.
+    pub created: u64,
+    /// Messages older than this many days are deleted; 0 keeps everything.
+    pub retention_days: u32,
+}
+
+impl std::fmt::Debug for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Profile(..)")
+    }
+}
+
+/// Default retention, in days.
+pub const DEFAULT_RETENTION_DAYS: u32 = 30;
+
+/// A contact's lifecycle.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ContactState {
+    /// Keys pinned on both sides; sessions may run.
+    Active,
+    /// We added them from their invite and still have to prove it to them.
+    Redeeming {
+        /// The invite's id.
+        invite_id: [u8; 16],
+        /// The invite's one-time secret.
+        secret: [u8; 32],
+    },
+}
+
+/// A contact.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Contact {
+    /// Local id (store key).
+    pub id: u64,
+    /// The name the user knows them by.
+    pub name: String,
+    /// Their Ed25519 key.
+    pub peer: [u8; 32],
+    /// Where they said they can be reached.
+    pub addrs: Vec<String>,
+    /// Lifecycle.
+    pub state: ContactState,
+    /// Unix seconds when added.
+    pub added: u64,
+    /// Unix seconds of the last session, if any.
+    pub last_seen: Option<u64>,
+    /// Carrier of the last session.
+    pub last_carrier: Option<String>,
+}
+
+impl std::fmt::Debug for Contact {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Contact(#{})", self.id)
+    }
+}
+
+/// Direction of a message.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Direction {
+    /// We sent it.
+    Out,
+    /// They sent it.
+    In,
+}
+
+/// Delivery state.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Delivery {
+    /// Stored locally, not yet acknowledged by the contact's node.
+    Queued,
+    /// The contact's node acknowledged storing it (XEP-0198).
+    Sent,
+    /// The contact's node sent a receipt (XEP-0184).
+    Delivered,
+    /// An incoming message.
+    Received,
+}
+
+impl Delivery {
+    /// Lowercase name for output.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Delivery::Queued => "queued",
+            Delivery::Sent => "sent",
+            Delivery::Delivered => "delivered",
+            Delivery::Received => "received",
+        }
+    }
+}
+
+/// A chat message.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Message {
+    /// Per-contact sequence (store key part).
+    pub seq: u64,
+    /// Direction.
+    pub dir: Direction,
+    /// The text.
+    pub body: String,
+    /// Unix milliseconds (sent time for outgoing, arrival for incoming).
+    pub ts: u64,
+    /// Delivery state.
+    pub state: Delivery,
+    /// The stanza id on the wire.
+    pub stanza_id: String,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Message(#{} {:?} {:?})", self.seq, self.dir, self.state)
+    }
+}
+
+/// An outbound stanza waiting for the peer's XEP-0198 ack.
+#[derive(Clone, Serialize, Deserialize)]
+pub enum OutStanza {
+    /// A chat message.
+    Chat {
+        /// Stanza id.
+        id: String,
+        /// Text.
+        body: String,
+        /// Message seq, to mark it sent when acked.
+        seq: u64,
+    },
+    /// A delivery receipt for one of their messages.
+    Receipt {
+        /// Stanza id of the receipt itself.
+        id: String,
+        /// The id being acknowledged.
+        of: String,
+    },
+}
+
+impl std::fmt::Debug for OutStanza {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OutStanza::Chat { seq, .. } => write!(f, "Chat(#{seq})"),
+            OutStanza::Receipt { .. } => f.write_str("Receipt"),
+        }
+    }
+}
+
+/// Per-contact stream-management counters. They outlive every connection:
+/// the XEP-0198 session between two Coterie nodes never ends.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerState {
+    /// How many stanzas from them we have durably handled (XEP-0198 `h`).
+    pub in_h: u64,
+    /// Number of the last stanza we queued for them (first is 1).
+    pub out_last: u64,
+    /// Highest of our stanzas they acknowledged.
+    pub out_acked: u64,
+    /// Next message seq.
+    pub next_seq: u64,
+}
+
+/// An invite we issued.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct IssuedInvite {
+    /// Public id (also in the URI).
+    pub invite_id: [u8; 16],
+    /// One-time secret.
+    pub secret: [u8; 32],
+    /// Unix seconds.
+    pub expires: u64,
+    /// Set once redeemed; kept until expiry to say "already used".
+    pub used: bool,
+}
+
+impl std::fmt::Debug for IssuedInvite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IssuedInvite(used={})", self.used)
+    }
+}
+
+/// What arrived from a peer, already parsed and checked.
+#[derive(Clone, Debug)]
+pub enum Incoming {
+    /// A chat message.
+    Chat {
+        /// Its stanza id.
+        id: String,
+        /// Text.
+        body: String,
+        /// Whether they asked for a receipt.
+        wants_receipt: bool,
+    },
+    /// A receipt for one of our messages.
+    Receipt {
+        /// The id they acknowledge.
+        of: String,
+    },
+    /// Any other stanza: counted for XEP-0198, otherwise ignored.
+    Other,
+}

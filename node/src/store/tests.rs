@@ -1,0 +1,300 @@
+use super::*;
+use crate::store::crypto::KdfParams;
+
+fn fast_kdf() -> KdfParams {
+    KdfParams {
+        m_kib: 64,
+        t: 1,
+        p: 1,
+        salt: "000102030405060708090a0b0c0d0e0f".into(),
+    }
+}
+
+fn profile() -> Profile {
+    Profile {
+        name: "alice".into(),
+        seed: [7; 32],
+        created: 1,
+        retention_days: DEFAULT_RETENTION_DAYS,
+    }
+}
+
+fn contact(peer: u8) -> Contact {
+    Contact {
+        id: 0,
+        name: format!("friend{peer}"),
+        peer: [peer; 32],
+        addrs: vec![],
+        state: ContactState::Active,
+        added: 1,
+        last_seen: None,
+        last_carrier: None,
+    }
+}
+
+fn new_store() -> (tempfile::TempDir, Store) {
+    let d = tempfile::tempdir().expect("tempdir");
+    let s = Store::create(&d.path().join("p"), "pw", &profile(), fast_kdf()).expect("create");
+    (d, s)
+}
+
+#[test]
+fn wrong_passphrase_is_a_clear_error_and_leaves_the_store_intact() {
+    let (d, s) = new_store();
+    let c = s.add_contact(contact(1)).expect("add");
+    s.queue_outgoing(c, "hello", 5).expect("queue");
+    drop(s);
+    let dir = d.path().join("p");
+    assert!(matches!(
+        Store::open(&dir, "nope"),
+        Err(OpenStoreError::WrongPassphrase(_))
+    ));
+    let s = Store::open(&dir, "pw").expect("reopen");
+    assert_eq!(s.history(c, 10).expect("history")[0].body, "hello");
+}
+
+#[test]
+fn create_refuses_to_overwrite_and_open_needs_a_profile() {
+    let (d, s) = new_store();
+    drop(s);
+    let dir = d.path().join("p");
+    assert!(matches!(
+        Store::create(&dir, "pw", &profile(), fast_kdf()),
+        Err(OpenStoreError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        Store::open(&d.path().join("q"), "pw"),
+        Err(OpenStoreError::NoProfile(_))
+    ));
+}
+
+#[test]
+fn second_open_while_in_use_is_reported() {
+    let (d, _s) = new_store();
+    assert!(matches!(
+        Store::open(&d.path().join("p"), "pw"),
+        Err(OpenStoreError::InUse(_))
+    ));
+}
+
+#[test]
+fn outgoing_messages_go_queued_sent_delivered() {
+    let (_d, s) = new_store();
+    let c = s.add_contact(contact(1)).expect("add");
+    let m1 = s.queue_outgoing(c, "one", 10).expect("q");
+    let m2 = s.queue_outgoing(c, "two", 11).expect("q");
+    assert_eq!(s.outbox_after(c, 0).expect("outbox").len(), 2);
+    assert_eq!(s.ack_outgoing(c, 1).expect("ack"), vec![m1.seq]);
+    assert_eq!(s.outbox_after(c, 0).expect("outbox").len(), 1);
+    // A stale ack changes nothing.
+    assert!(s.ack_outgoing(c, 1).expect("ack").is_empty());
+    let r = s
+        .receive(
+            c,
+            &[Incoming::Receipt {
+                of: m1.stanza_id.clone(),
+            }],
+            12,
+        )
+        .expect("recv");
+    assert_eq!(r.delivered, vec![m1.seq]);
+    assert_eq!(r.h, 1);
+    let h = s.history(c, 10).expect("history");
+    assert_eq!(
+        h.iter().map(|m| m.state).collect::<Vec<_>>(),
+        vec![Delivery::Delivered, Delivery::Queued]
+    );
+    assert_eq!(h[1].seq, m2.seq);
+}
+
+#[test]
+fn a_forged_receipt_changes_nothing() {
+    let (_d, s) = new_store();
+    let c = s.add_contact(contact(1)).expect("add");
+    let m = s.queue_outgoing(c, "one", 10).expect("q");
+    let forged = format!("m{}.deadbeef", m.seq);
+    let r = s
+        .receive(
+            c,
+            &[
+                Incoming::Receipt { of: forged },
+                Incoming::Receipt {
+                    of: "garbage".into(),
+                },
+            ],
+            12,
+        )
+        .expect("recv");
+    assert!(r.delivered.is_empty());
+    assert_eq!(r.h, 2, "every stanza counts for XEP-0198");
+}
+
+#[test]
+fn incoming_messages_are_stored_with_receipts_queued_atomically() {
+    let (_d, s) = new_store();
+    let c = s.add_contact(contact(1)).expect("add");
+    let items = vec![
+        Incoming::Chat {
+            id: "a".into(),
+            body: "hi".into(),
+            wants_receipt: true,
+        },
+        Incoming::Other,
+        Incoming::Chat {
+            id: "b".into(),
+            body: "there".into(),
+            wants_receipt: false,
+        },
+    ];
+    let r = s.receive(c, &items, 3).expect("recv");
+    assert_eq!(r.h, 3);
+    assert_eq!(r.new_messages.len(), 2);
+    let out = s.outbox_after(c, 0).expect("outbox");
+    assert_eq!(out.len(), 1);
+    assert!(matches!(&out[0].1, OutStanza::Receipt { of, .. } if of == "a"));
+    assert_eq!(s.peer_state(c).expect("st").in_h, 3);
+}
+
+#[test]
+fn history_pages_the_latest_messages_in_order() {
+    let (_d, s) = new_store();
+    let c = s.add_contact(contact(1)).expect("add");
+    for i in 0..20 {
+        s.queue_outgoing(c, &format!("m{i}"), i).expect("q");
+    }
+    let h = s.history(c, 5).expect("history");
+    assert_eq!(
+        h.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
+        vec!["m15", "m16", "m17", "m18", "m19"]
+    );
+}
+
+#[test]
+fn invites_are_single_use_and_expire() {
+    let (_d, s) = new_store();
+    let inv = IssuedInvite {
+        invite_id: [1; 16],
+        secret: [2; 32],
+        expires: 100,
+        used: false,
+    };
+    s.add_invite(&inv).expect("add");
+    assert!(s.has_open_invites(50).expect("open"));
+    assert!(!s.has_open_invites(100).expect("open"));
+    let ok = |sec: &[u8; 32]| sec == &[2; 32];
+    assert_eq!(
+        s.redeem_invite(&[9; 16], 50, ok, contact(3))
+            .expect("r")
+            .err(),
+        Some(RedeemError::Unknown)
+    );
+    assert_eq!(
+        s.redeem_invite(&[1; 16], 50, |_| false, contact(3))
+            .expect("r")
+            .err(),
+        Some(RedeemError::BadProof)
+    );
+    assert_eq!(
+        s.redeem_invite(&[1; 16], 150, ok, contact(3))
+            .expect("r")
+            .err(),
+        Some(RedeemError::Expired)
+    );
+    let c = s
+        .redeem_invite(&[1; 16], 50, ok, contact(3))
+        .expect("r")
+        .expect("redeemed");
+    assert_eq!(s.contact(c.id).expect("c").map(|c| c.peer), Some([3; 32]));
+    assert_eq!(
+        s.redeem_invite(&[1; 16], 50, ok, contact(4))
+            .expect("r")
+            .err(),
+        Some(RedeemError::Used)
+    );
+    assert!(!s.has_open_invites(50).expect("open"));
+}
+
+#[test]
+fn retention_deletes_old_messages_but_never_queued_ones() {
+    let (_d, s) = new_store();
+    let c = s.add_contact(contact(1)).expect("add");
+    let day = 86_400_000u64;
+    let old_queued = s.queue_outgoing(c, "old queued", day).expect("q");
+    s.receive(
+        c,
+        &[Incoming::Chat {
+            id: "x".into(),
+            body: "old".into(),
+            wants_receipt: false,
+        }],
+        2 * day,
+    )
+    .expect("r");
+    s.receive(
+        c,
+        &[Incoming::Chat {
+            id: "y".into(),
+            body: "new".into(),
+            wants_receipt: false,
+        }],
+        40 * day,
+    )
+    .expect("r");
+    assert_eq!(s.apply_retention(41 * day).expect("retention"), 1);
+    let bodies: Vec<String> = s
+        .history(c, 10)
+        .expect("h")
+        .into_iter()
+        .map(|m| m.body)
+        .collect();
+    assert_eq!(bodies, vec!["old queued".to_string(), "new".to_string()]);
+    assert_eq!(old_queued.seq, 1);
+}
+
+#[test]
+fn nothing_identifying_is_on_disk_in_plaintext() {
+    let (d, s) = new_store();
+    let mut ct = contact(0x41);
+    ct.name = "Zebediah-Contactname".into();
+    ct.addrs = vec!["tcp:127.0.0.1:49999".into()];
+    let c = s.add_contact(ct).expect("add");
+    s.queue_outgoing(c, "SECRET-BODY-MARKER", 1).expect("q");
+    s.add_invite(&IssuedInvite {
+        invite_id: [0x42; 16],
+        secret: [0x43; 32],
+        expires: 10,
+        used: false,
+    })
+    .expect("inv");
+    drop(s);
+    let bytes = std::fs::read(d.path().join("p").join(STORE_FILE)).expect("read");
+    for needle in [
+        &b"SECRET-BODY-MARKER"[..],
+        b"Zebediah",
+        b"alice",
+        b"127.0.0.1",
+        &[0x41; 32],
+        &[0x42; 16],
+        &[0x43; 32],
+        &[7; 32],
+    ] {
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "found {:?} on disk",
+            String::from_utf8_lossy(needle)
+        );
+    }
+}
+
+#[test]
+fn wipe_removes_the_profile() {
+    let (d, s) = new_store();
+    drop(s);
+    let dir = d.path().join("p");
+    wipe(&dir).expect("wipe");
+    assert!(!dir.exists());
+    assert!(matches!(
+        Store::open(&dir, "pw"),
+        Err(OpenStoreError::NoProfile(_))
+    ));
+}
