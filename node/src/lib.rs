@@ -1,2 +1,3 @@
 //! # coterie-node
 pub mod store;
+pub mod stream;

@@ -1,0 +1,4 @@
+//! The XML stream between two Coterie nodes, sans-IO.
+pub mod padding;
+pub mod parser;
+pub mod session;
