@@ -32,7 +32,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_stanza_bytes: 64 * 1024, max_depth: 16, max_header_bytes: 2048 }
+        Limits {
+            max_stanza_bytes: 64 * 1024,
+            max_depth: 16,
+            max_header_bytes: 2048,
+        }
     }
 }
 
@@ -111,13 +115,17 @@ fn fault(condition: Condition, detail: &'static str) -> StreamFault {
 fn map_rxml(e: &rxml::Error) -> StreamFault {
     use rxml::Error as E;
     match e {
-        E::RestrictedXml(_) | E::UndeclaredEntity => fault(Condition::RestrictedXml, "restricted XML feature"),
+        E::RestrictedXml(_) | E::UndeclaredEntity => {
+            fault(Condition::RestrictedXml, "restricted XML feature")
+        }
         // rxml has no DTD support at all: `<!DOCTYPE` and `<!ENTITY` fail as a
         // malformed `<!` section, which is exactly a restricted-XML case.
         E::InvalidSyntax(s) if s.contains("cdata or comment") => {
             fault(Condition::RestrictedXml, "DTD, comment or CDATA section")
         }
-        E::InvalidUtf8Byte(_) | E::InvalidChar(..) => fault(Condition::NotWellFormed, "invalid UTF-8 or character"),
+        E::InvalidUtf8Byte(_) | E::InvalidChar(..) => {
+            fault(Condition::NotWellFormed, "invalid UTF-8 or character")
+        }
         E::UndeclaredNamespacePrefix(_) | E::ReservedNamespacePrefix | E::ReservedNamespaceName => {
             fault(Condition::InvalidNamespace, "namespace error")
         }
@@ -130,7 +138,11 @@ enum State {
     /// Before the root element.
     Prolog,
     /// Inside `<stream:stream ...` collecting attributes.
-    RootHead { prefix: Option<String>, local: String, attrs: Vec<(Option<String>, String, String)> },
+    RootHead {
+        prefix: Option<String>,
+        local: String,
+        attrs: Vec<(Option<String>, String, String)>,
+    },
     /// Between top-level elements.
     Open,
     /// Inside a top-level element.
@@ -161,7 +173,10 @@ impl std::fmt::Debug for StreamParser {
 impl StreamParser {
     /// A parser expecting a stream header.
     pub fn new(limits: Limits) -> Self {
-        let opts = rxml::Options { max_token_length: 8192, ..Default::default() };
+        let opts = rxml::Options {
+            max_token_length: 8192,
+            ..Default::default()
+        };
         StreamParser {
             raw: <RawParser as rxml::WithOptions>::with_options(opts),
             limits,
@@ -175,13 +190,19 @@ impl StreamParser {
     }
 
     /// Feeds bytes; returns what completed. After an error the parser stays failed.
-    pub fn feed(&mut self, mut data: &[u8]) -> Result<Vec<ParseEvent>, (Vec<ParseEvent>, StreamFault)> {
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+    ) -> Result<Vec<ParseEvent>, (Vec<ParseEvent>, StreamFault)> {
         let mut out = Vec::new();
         if matches!(self.state, State::Done) {
             if data.iter().all(u8::is_ascii_whitespace) {
                 return Ok(out);
             }
-            return Err((out, fault(Condition::NotWellFormed, "data after end of stream")));
+            return Err((
+                out,
+                fault(Condition::NotWellFormed, "data after end of stream"),
+            ));
         }
         loop {
             match self.raw.parse(&mut data, false) {
@@ -225,7 +246,11 @@ impl StreamParser {
                     _ => Err(fault(Condition::NotWellFormed, "expected stream header")),
                 }
             }
-            State::RootHead { prefix, local, attrs } => {
+            State::RootHead {
+                prefix,
+                local,
+                attrs,
+            } => {
                 self.header_bytes += len;
                 if self.header_bytes > self.limits.max_header_bytes {
                     return Err(fault(Condition::PolicyViolation, "stream header too large"));
@@ -233,13 +258,21 @@ impl StreamParser {
                 match ev {
                     RawEvent::Attribute(_, (p, n), v) => {
                         if attrs.len() >= 16 {
-                            return Err(fault(Condition::PolicyViolation, "too many header attributes"));
+                            return Err(fault(
+                                Condition::PolicyViolation,
+                                "too many header attributes",
+                            ));
                         }
-                        attrs.push((p.map(|p| p.as_str().to_owned()), n.as_str().to_owned(), v.to_string()));
+                        attrs.push((
+                            p.map(|p| p.as_str().to_owned()),
+                            n.as_str().to_owned(),
+                            v.to_string(),
+                        ));
                         Ok(())
                     }
                     RawEvent::ElementHeadClose(_) => {
-                        let (prefix, local, attrs) = (prefix.take(), std::mem::take(local), std::mem::take(attrs));
+                        let (prefix, local, attrs) =
+                            (prefix.take(), std::mem::take(local), std::mem::take(attrs));
                         let header = self.finish_header(prefix, &local, attrs)?;
                         self.state = State::Open;
                         out.push(ParseEvent::Header(header));
@@ -266,12 +299,16 @@ impl StreamParser {
                     let mut b = TreeBuilder::new().with_prefixes_stack(vec![prefixes.into()]);
                     self.depth = 1;
                     self.element_bytes = len;
-                    b.process_event(ev).map_err(|_| fault(Condition::InvalidNamespace, "namespace error"))?;
+                    b.process_event(ev)
+                        .map_err(|_| fault(Condition::InvalidNamespace, "namespace error"))?;
                     self.builder = Some(b);
                     self.state = State::Element;
                     Ok(())
                 }
-                _ => Err(fault(Condition::NotWellFormed, "unexpected XML at stream level")),
+                _ => Err(fault(
+                    Condition::NotWellFormed,
+                    "unexpected XML at stream level",
+                )),
             },
             State::Element => {
                 self.element_bytes += len;
@@ -282,13 +319,17 @@ impl StreamParser {
                 if matches!(ev, RawEvent::ElementHeadOpen(..)) {
                     self.depth += 1;
                     if self.depth > self.limits.max_depth {
-                        return Err(fault(Condition::PolicyViolation, "stanza nested too deeply"));
+                        return Err(fault(
+                            Condition::PolicyViolation,
+                            "stanza nested too deeply",
+                        ));
                     }
                 }
                 let Some(b) = self.builder.as_mut() else {
                     return Err(fault(Condition::InternalServerError, "parser state"));
                 };
-                b.process_event(ev).map_err(|_| fault(Condition::InvalidNamespace, "namespace error"))?;
+                b.process_event(ev)
+                    .map_err(|_| fault(Condition::InvalidNamespace, "namespace error"))?;
                 if closes {
                     self.depth -= 1;
                     if self.depth == 0 {
@@ -328,10 +369,16 @@ impl StreamParser {
             }
         }
         if local != "stream" || prefixes.get(&prefix).map(String::as_str) != Some(NS_STREAMS) {
-            return Err(fault(Condition::InvalidNamespace, "root is not stream:stream"));
+            return Err(fault(
+                Condition::InvalidNamespace,
+                "root is not stream:stream",
+            ));
         }
         if prefixes.get(&None).map(String::as_str) != Some(NS_CLIENT) {
-            return Err(fault(Condition::InvalidNamespace, "default namespace is not jabber:client"));
+            return Err(fault(
+                Condition::InvalidNamespace,
+                "default namespace is not jabber:client",
+            ));
         }
         self.root_prefixes = prefixes;
         Ok(h)
@@ -374,12 +421,20 @@ mod tests {
 
     #[test]
     fn header_stanzas_and_end() {
-        let doc = format!("{HDR}  <message id='1'><body>hi</body></message>\n\n   <r xmlns='urn:xmpp:sm:3'/></stream:stream>");
+        let doc = format!(
+            "{HDR}  <message id='1'><body>hi</body></message>\n\n   <r xmlns='urn:xmpp:sm:3'/></stream:stream>"
+        );
         let evs = parse_all(&[doc.as_bytes()]).expect("parses");
-        assert!(matches!(&evs[0], ParseEvent::Header(h) if h.from.as_deref() == Some("a.onion") && h.version.as_deref() == Some("1.0")));
-        let ParseEvent::Element(m) = &evs[1] else { panic!("expected message") };
+        assert!(
+            matches!(&evs[0], ParseEvent::Header(h) if h.from.as_deref() == Some("a.onion") && h.version.as_deref() == Some("1.0"))
+        );
+        let ParseEvent::Element(m) = &evs[1] else {
+            panic!("expected message")
+        };
         assert_eq!((m.name(), m.ns().as_str()), ("message", NS_CLIENT));
-        let ParseEvent::Element(r) = &evs[2] else { panic!("expected r") };
+        let ParseEvent::Element(r) = &evs[2] else {
+            panic!("expected r")
+        };
         assert_eq!(r.ns(), "urn:xmpp:sm:3");
         assert_eq!(evs[3], ParseEvent::End);
     }
@@ -395,13 +450,19 @@ mod tests {
     #[test]
     fn dtd_is_restricted_xml() {
         let doc = "<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'b'>]><stream:stream/>";
-        assert_eq!(parse_all(&[doc.as_bytes()]).err().map(|f| f.condition), Some(Condition::RestrictedXml));
+        assert_eq!(
+            parse_all(&[doc.as_bytes()]).err().map(|f| f.condition),
+            Some(Condition::RestrictedXml)
+        );
     }
 
     #[test]
     fn entity_reference_is_rejected() {
         let doc = format!("{HDR}<message><body>&lol;</body></message>");
-        assert_eq!(parse_all(&[doc.as_bytes()]).err().map(|f| f.condition), Some(Condition::RestrictedXml));
+        assert_eq!(
+            parse_all(&[doc.as_bytes()]).err().map(|f| f.condition),
+            Some(Condition::RestrictedXml)
+        );
     }
 
     #[test]
@@ -409,7 +470,10 @@ mod tests {
         let mut doc = format!("{HDR}<message><body>").into_bytes();
         doc.extend_from_slice(&[0xff, 0xfe]);
         doc.extend_from_slice(b"</body>");
-        assert_eq!(parse_all(&[&doc]).err().map(|f| f.condition), Some(Condition::NotWellFormed));
+        assert_eq!(
+            parse_all(&[&doc]).err().map(|f| f.condition),
+            Some(Condition::NotWellFormed)
+        );
     }
 
     #[test]
@@ -431,21 +495,34 @@ mod tests {
     #[test]
     fn deep_nesting_is_a_policy_violation() {
         let doc = format!("{HDR}<message>{}", "<x>".repeat(50));
-        assert_eq!(parse_all(&[doc.as_bytes()]).err().map(|f| f.condition), Some(Condition::PolicyViolation));
+        assert_eq!(
+            parse_all(&[doc.as_bytes()]).err().map(|f| f.condition),
+            Some(Condition::PolicyViolation)
+        );
     }
 
     #[test]
     fn wrong_root_or_namespace_is_refused() {
-        let doc = "<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'>";
-        assert_eq!(parse_all(&[doc.as_bytes()]).err().map(|f| f.condition), Some(Condition::InvalidNamespace));
+        let doc =
+            "<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'>";
+        assert_eq!(
+            parse_all(&[doc.as_bytes()]).err().map(|f| f.condition),
+            Some(Condition::InvalidNamespace)
+        );
         let doc = "<html xmlns='jabber:client'>";
-        assert_eq!(parse_all(&[doc.as_bytes()]).err().map(|f| f.condition), Some(Condition::InvalidNamespace));
+        assert_eq!(
+            parse_all(&[doc.as_bytes()]).err().map(|f| f.condition),
+            Some(Condition::InvalidNamespace)
+        );
     }
 
     #[test]
     fn text_between_stanzas_is_refused_but_whitespace_is_padding() {
         let doc = format!("{HDR}   \n\t  hello<message/>");
-        assert_eq!(parse_all(&[doc.as_bytes()]).err().map(|f| f.condition), Some(Condition::NotWellFormed));
+        assert_eq!(
+            parse_all(&[doc.as_bytes()]).err().map(|f| f.condition),
+            Some(Condition::NotWellFormed)
+        );
     }
 
     #[test]
@@ -460,7 +537,9 @@ mod tests {
     fn stanzas_before_a_fault_are_still_returned() {
         let mut p = StreamParser::new(Limits::default());
         let doc = format!("{HDR}<message id='1'/><message id='2'/>\u{1}");
-        let Err((evs, f)) = p.feed(doc.as_bytes()) else { panic!("should fail") };
+        let Err((evs, f)) = p.feed(doc.as_bytes()) else {
+            panic!("should fail")
+        };
         assert_eq!(evs.len(), 3);
         assert_eq!(f.condition, Condition::NotWellFormed);
     }

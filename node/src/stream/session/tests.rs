@@ -1,0 +1,312 @@
+use super::*;
+use crate::stream::padding::BUCKETS;
+use proptest::prelude::*;
+
+fn params(role: Role, in_h: u64, out_acked: u64) -> Params {
+    Params {
+        role,
+        local: if role == Role::Initiator {
+            "a.onion".into()
+        } else {
+            "b.onion".into()
+        },
+        peer: if role == Role::Initiator {
+            "b.onion".into()
+        } else {
+            "a.onion".into()
+        },
+        session_id: "s1".into(),
+        in_h,
+        out_acked,
+        limits: Limits::default(),
+        rate: RateLimit::default(),
+    }
+}
+
+/// Moves everything `from` wants to write into `to`; returns `to`'s events.
+fn pump(from: &mut Session, to: &mut Session, now: Instant) -> Vec<Event> {
+    // One read may carry several units, as on a real socket.
+    let mut wire = Vec::new();
+    while let Some(u) = from.poll_transmit() {
+        assert!(
+            BUCKETS.contains(&u.len()) || u.len() % 16384 == 0,
+            "unpadded unit of {} bytes",
+            u.len()
+        );
+        wire.extend(u);
+    }
+    if wire.is_empty() {
+        Vec::new()
+    } else {
+        to.handle_input(&wire, now)
+    }
+}
+
+fn handshake(a: &mut Session, b: &mut Session, now: Instant) -> (Vec<Event>, Vec<Event>) {
+    let mut ea = Vec::new();
+    let mut eb = Vec::new();
+    for _ in 0..4 {
+        eb.extend(pump(a, b, now));
+        ea.extend(pump(b, a, now));
+    }
+    (ea, eb)
+}
+
+fn chat(n: u64) -> OutStanza {
+    OutStanza::Chat {
+        id: format!("m{n}.00000000"),
+        body: format!("body {n}"),
+        seq: n,
+    }
+}
+
+#[test]
+fn handshake_resumes_with_both_counters() {
+    let now = Instant::now();
+    let mut a = Session::new(params(Role::Initiator, 7, 2), now);
+    let mut b = Session::new(params(Role::Responder, 2, 7), now);
+    let (ea, eb) = handshake(&mut a, &mut b, now);
+    assert!(a.is_open() && b.is_open());
+    assert!(
+        matches!(ea.as_slice(), [Event::Resumed { peer_h: 2 }]),
+        "{ea:?}"
+    );
+    assert!(
+        matches!(eb.as_slice(), [Event::Resumed { peer_h: 7 }]),
+        "{eb:?}"
+    );
+}
+
+#[test]
+fn stanzas_flow_and_are_acked_only_after_persisting() {
+    let now = Instant::now();
+    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+    let mut b = Session::new(params(Role::Responder, 0, 0), now);
+    handshake(&mut a, &mut b, now);
+    for n in 1..=3 {
+        a.send(&chat(n));
+    }
+    let eb = pump(&mut a, &mut b, now);
+    let [Event::Stanzas(items)] = eb.as_slice() else {
+        panic!("{eb:?}")
+    };
+    assert_eq!(items.len(), 3);
+    assert!(
+        matches!(&items[0], Incoming::Chat { body, wants_receipt: true, .. } if body == "body 1")
+    );
+    // Nothing acked yet: B has not stored them.
+    assert!(pump(&mut b, &mut a, now).is_empty());
+    b.persisted(3);
+    let ea = pump(&mut b, &mut a, now);
+    assert!(matches!(ea.as_slice(), [Event::Acked(3)]), "{ea:?}");
+}
+
+#[test]
+fn receipts_round_trip() {
+    let now = Instant::now();
+    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+    let mut b = Session::new(params(Role::Responder, 0, 0), now);
+    handshake(&mut a, &mut b, now);
+    b.send(&OutStanza::Receipt {
+        id: "r1".into(),
+        of: "m1.00000000".into(),
+    });
+    let ea = pump(&mut b, &mut a, now);
+    let [Event::Stanzas(items)] = ea.as_slice() else {
+        panic!("{ea:?}")
+    };
+    assert!(matches!(&items[0], Incoming::Receipt { of } if of == "m1.00000000"));
+}
+
+#[test]
+fn r_is_answered_with_the_durable_count() {
+    let now = Instant::now();
+    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+    let mut b = Session::new(params(Role::Responder, 0, 0), now);
+    handshake(&mut a, &mut b, now);
+    a.send(&chat(1));
+    pump(&mut a, &mut b, now);
+    a.request_ack();
+    pump(&mut a, &mut b, now);
+    // B answers with h=0: the stanza is counted but not stored yet.
+    assert!(pump(&mut b, &mut a, now).is_empty());
+}
+
+#[test]
+fn resume_after_a_crash_retransmits_only_what_was_not_stored() {
+    let now = Instant::now();
+    // A sent 5, B stored 3 before the connection died.
+    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+    let mut b = Session::new(params(Role::Responder, 3, 0), now);
+    let (ea, _) = handshake(&mut a, &mut b, now);
+    assert!(matches!(ea.as_slice(), [Event::Resumed { peer_h: 3 }]));
+    // The driver retransmits 4 and 5; B counts them as 4 and 5.
+    a.send(&chat(4));
+    a.send(&chat(5));
+    let eb = pump(&mut a, &mut b, now);
+    let [Event::Stanzas(items)] = eb.as_slice() else {
+        panic!("{eb:?}")
+    };
+    assert_eq!(items.len(), 2);
+    b.persisted(5);
+    assert!(matches!(
+        pump(&mut b, &mut a, now).as_slice(),
+        [Event::Acked(5)]
+    ));
+}
+
+#[test]
+fn wrong_session_id_is_refused() {
+    let now = Instant::now();
+    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+    let mut pb = params(Role::Responder, 0, 0);
+    pb.session_id = "other".into();
+    let mut b = Session::new(pb, now);
+    let (ea, eb) = handshake(&mut a, &mut b, now);
+    assert!(
+        eb.iter()
+            .any(|e| matches!(e, Event::Fault(f) if f.condition == Condition::PolicyViolation))
+    );
+    assert!(
+        ea.iter()
+            .any(|e| matches!(e, Event::PeerError(c) if c == "policy-violation")),
+        "{ea:?}"
+    );
+    assert!(a.is_closed() && b.is_closed());
+}
+
+#[test]
+fn stanza_before_resumption_is_refused() {
+    let now = Instant::now();
+    let mut b = Session::new(params(Role::Responder, 0, 0), now);
+    let hdr = "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
+    b.handle_input(hdr.as_bytes(), now);
+    let ev = b.handle_input(b"<message id='x'><body>early</body></message>", now);
+    assert!(
+        matches!(ev.as_slice(), [Event::Fault(f)] if f.condition == Condition::UnsupportedStanzaType)
+    );
+}
+
+#[test]
+fn malformed_input_queues_a_stream_error_and_closes() {
+    let now = Instant::now();
+    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+    let mut b = Session::new(params(Role::Responder, 0, 0), now);
+    handshake(&mut a, &mut b, now);
+    let ev = b.handle_input(b"<message><body>\xff\xfe</body></message>", now);
+    assert!(matches!(ev.last(), Some(Event::Fault(f)) if f.condition == Condition::NotWellFormed));
+    let mut wire = Vec::new();
+    while let Some(u) = b.poll_transmit() {
+        wire.extend(u);
+    }
+    let wire = String::from_utf8_lossy(&wire);
+    assert!(
+        wire.contains("not-well-formed") && wire.contains("</stream:stream>"),
+        "{wire}"
+    );
+    assert!(b.is_closed());
+}
+
+#[test]
+fn a_flood_is_throttled() {
+    let now = Instant::now();
+    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+    let mut pb = params(Role::Responder, 0, 0);
+    pb.rate = RateLimit {
+        per_second: 10.0,
+        burst: 5.0,
+    };
+    let mut b = Session::new(pb, now);
+    handshake(&mut a, &mut b, now);
+    for n in 1..=10 {
+        a.send(&chat(n));
+    }
+    pump(&mut a, &mut b, now);
+    let until = b.throttle_until().expect("throttled");
+    assert!(
+        until >= now + Duration::from_millis(400),
+        "{:?}",
+        until - now
+    );
+}
+
+#[test]
+fn clean_close_is_reported() {
+    let now = Instant::now();
+    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+    let mut b = Session::new(params(Role::Responder, 0, 0), now);
+    handshake(&mut a, &mut b, now);
+    a.close();
+    let eb = pump(&mut a, &mut b, now);
+    assert!(matches!(eb.as_slice(), [Event::Closed]));
+    assert!(b.is_closed());
+}
+
+#[test]
+fn addresses_are_announced_and_bounded() {
+    let now = Instant::now();
+    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+    let mut b = Session::new(params(Role::Responder, 0, 0), now);
+    handshake(&mut a, &mut b, now);
+    let many: Vec<String> = (0..20)
+        .map(|i| format!("tcp:127.0.0.1:{}", 1000 + i))
+        .collect();
+    a.send_addresses(&many);
+    let eb = pump(&mut a, &mut b, now);
+    let [Event::Addresses(got)] = eb.as_slice() else {
+        panic!("{eb:?}")
+    };
+    assert_eq!(got.len(), MAX_ADDRS);
+    assert_eq!(got[0], "tcp:127.0.0.1:1000");
+}
+
+#[test]
+fn hostile_text_in_bodies_is_escaped_on_the_wire() {
+    let now = Instant::now();
+    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+    let mut b = Session::new(params(Role::Responder, 0, 0), now);
+    handshake(&mut a, &mut b, now);
+    let nasty = "</body></message></stream:stream><message><body>injected";
+    a.send(&OutStanza::Chat {
+        id: "m1.0".into(),
+        body: nasty.into(),
+        seq: 1,
+    });
+    let eb = pump(&mut a, &mut b, now);
+    let [Event::Stanzas(items)] = eb.as_slice() else {
+        panic!("{eb:?}")
+    };
+    assert!(matches!(&items[..], [Incoming::Chat { body, .. }] if body == nasty));
+}
+
+proptest! {
+    #[test]
+    fn unwrap_h_recovers_any_value_within_range(floor in any::<u64>(), delta in 0u64..u64::from(u32::MAX)) {
+        let floor = floor / 2;
+        let v = floor + delta;
+        prop_assert_eq!(unwrap_h(floor, v as u32), v);
+    }
+
+    #[test]
+    fn chat_stanzas_roundtrip(body in "\\PC{0,300}", id in "[a-z0-9.]{1,40}") {
+        let now = Instant::now();
+        let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+        let mut b = Session::new(params(Role::Responder, 0, 0), now);
+        handshake(&mut a, &mut b, now);
+        a.send(&OutStanza::Chat { id: id.clone(), body: body.clone(), seq: 1 });
+        let eb = pump(&mut a, &mut b, now);
+        let expected_body = body.clone();
+        let ok = matches!(eb.as_slice(), [Event::Stanzas(items)] if matches!(&items[..], [Incoming::Chat { id: i, body: bd, .. }] if *i == id && *bd == expected_body));
+        // An empty body is dropped by xmpp-parsers' body handling only if empty.
+        prop_assert!(ok || body.is_empty(), "{:?}", eb);
+    }
+
+    #[test]
+    fn session_never_panics_on_garbage_after_open(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let now = Instant::now();
+        let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+        let mut b = Session::new(params(Role::Responder, 0, 0), now);
+        handshake(&mut a, &mut b, now);
+        let _ = b.handle_input(&data, now);
+    }
+}
