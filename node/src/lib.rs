@@ -1,3 +1,5 @@
 //! # coterie-node
+pub mod invite;
+pub mod ops;
 pub mod store;
 pub mod stream;

@@ -419,21 +419,30 @@ impl Store {
                 None => None,
             };
             let mut ct = tx.open_table(CONTACTS).ctx("open contacts")?;
-            let mut already = false;
+            let mut existing: Option<Contact> = None;
             for r in ct.iter().ctx("list contacts")? {
                 let (k, v) = r.ctx("list contacts")?;
                 let c: Contact = self.open_json("contacts", &k64(k.value()), v.value())?;
-                already |= c.peer == contact.peer;
+                if c.peer == contact.peer {
+                    existing = Some(c);
+                }
             }
             match inv {
                 None => Err(RedeemError::Unknown),
                 Some(inv) if &inv.invite_id != invite_id => Err(RedeemError::Unknown),
                 Some(inv) if !verify(&inv.secret) => Err(RedeemError::BadProof),
+                // The same invitee again (it crashed before recording our answer): idempotent.
+                Some(inv)
+                    if inv.used && existing.is_some() && inv.redeemed_by == Some(contact.peer) =>
+                {
+                    existing.ok_or(RedeemError::Unknown)
+                }
                 Some(inv) if inv.used => Err(RedeemError::Used),
                 Some(inv) if inv.expires <= now => Err(RedeemError::Expired),
-                Some(_) if already => Err(RedeemError::AlreadyContact),
+                Some(_) if existing.is_some() => Err(RedeemError::AlreadyContact),
                 Some(mut inv) => {
                     inv.used = true;
+                    inv.redeemed_by = Some(contact.peer);
                     let v = self.seal_json("invites", &k64(row), &inv)?;
                     inv_t.insert(row, v.as_slice()).ctx("write invite")?;
                     contact.id = Self::next_contact_id(&ct)?;

@@ -13,6 +13,9 @@ pub struct Profile {
     pub created: u64,
     /// Messages older than this many days are deleted; 0 keeps everything.
     pub retention_days: u32,
+    /// Addresses the node listened on last time it ran (for invites made offline).
+    #[serde(default)]
+    pub last_addrs: Vec<String>,
 }
 
 impl std::fmt::Debug for Profile {
@@ -35,6 +38,11 @@ pub enum ContactState {
         invite_id: [u8; 16],
         /// The invite's one-time secret.
         secret: [u8; 32],
+    },
+    /// The inviter refused our redemption (used, expired, unknown invite).
+    Refused {
+        /// What they said.
+        reason: String,
     },
 }
 
@@ -177,6 +185,9 @@ pub struct IssuedInvite {
     pub expires: u64,
     /// Set once redeemed; kept until expiry to say "already used".
     pub used: bool,
+    /// Who redeemed it.
+    #[serde(default)]
+    pub redeemed_by: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for IssuedInvite {

@@ -16,6 +16,7 @@ fn profile() -> Profile {
         seed: [7; 32],
         created: 1,
         retention_days: DEFAULT_RETENTION_DAYS,
+        last_addrs: vec![],
     }
 }
 
@@ -177,6 +178,7 @@ fn invites_are_single_use_and_expire() {
         secret: [2; 32],
         expires: 100,
         used: false,
+        redeemed_by: None,
     };
     s.add_invite(&inv).expect("add");
     assert!(s.has_open_invites(50).expect("open"));
@@ -264,6 +266,7 @@ fn nothing_identifying_is_on_disk_in_plaintext() {
         secret: [0x43; 32],
         expires: 10,
         used: false,
+        redeemed_by: None,
     })
     .expect("inv");
     drop(s);

@@ -1,0 +1,307 @@
+//! What the user can ask of a profile, independent of whether a node is
+//! running. The CLI calls these directly on the store when no node runs; the
+//! node calls them when a request arrives on its control socket.
+
+use serde::{Deserialize, Serialize};
+use transport::{PeerAddr, PeerId, SecretKey};
+
+use crate::invite::{Invite, InviteError, parse_ttl, valid_name};
+use crate::store::{
+    Contact, ContactState, Delivery, Direction, IssuedInvite, Message, Store, StoreError,
+};
+
+/// Longest message body accepted from the user, in bytes.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// Why an operation failed; each variant maps to a documented exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No contact matches.
+    #[error("no contact matches `{0}` (see `coterie contacts`)")]
+    NoSuchContact(String),
+    /// Several contacts match.
+    #[error("`{0}` matches {1} contacts; use a longer fingerprint prefix")]
+    Ambiguous(String, usize),
+    /// The invite is unusable.
+    #[error(transparent)]
+    Invite(#[from] InviteError),
+    /// Bad user input.
+    #[error("{0}")]
+    Usage(String),
+    /// The contact is already known.
+    #[error("you already have this contact, as `{0}`")]
+    AlreadyContact(String),
+}
+
+impl OpError {
+    /// The process exit code for this error (see README, "Exit codes").
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            OpError::Store(_) => 1,
+            OpError::Usage(_) => 2,
+            OpError::NoSuchContact(_) | OpError::Ambiguous(..) => 5,
+            OpError::Invite(_) | OpError::AlreadyContact(_) => 6,
+        }
+    }
+}
+
+/// Own identity, for `coterie id`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdView {
+    /// `NAME@<onion>.onion`
+    pub jid: String,
+    /// The onion address.
+    pub onion: String,
+    /// Fingerprint in groups.
+    pub fingerprint: String,
+}
+
+/// A contact, for `coterie contacts`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContactView {
+    /// Local name.
+    pub name: String,
+    /// `NAME@<onion>.onion` as they call themselves... here: their onion JID.
+    pub jid: String,
+    /// Their fingerprint.
+    pub fingerprint: String,
+    /// `connected`, `offline`, or `pending` (invite not yet redeemed).
+    pub state: String,
+    /// Carrier of the live or last session.
+    pub transport: Option<String>,
+    /// Unix seconds of the last session.
+    pub last_seen: Option<u64>,
+    /// Stanzas waiting for their ack.
+    pub queued: u64,
+}
+
+/// A message, for `coterie history`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessageView {
+    /// Per-contact sequence.
+    pub seq: u64,
+    /// `out` or `in`.
+    pub dir: String,
+    /// Text.
+    pub body: String,
+    /// Unix milliseconds.
+    pub ts: u64,
+    /// `queued`, `sent`, `delivered`, `received`.
+    pub state: String,
+}
+
+impl From<&Message> for MessageView {
+    fn from(m: &Message) -> Self {
+        MessageView {
+            seq: m.seq,
+            dir: if m.dir == Direction::Out {
+                "out".into()
+            } else {
+                "in".into()
+            },
+            body: m.body.clone(),
+            ts: m.ts,
+            state: m.state.as_str().into(),
+        }
+    }
+}
+
+/// Unix seconds now.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The profile's secret key.
+pub fn secret_key(store: &Store) -> Result<SecretKey, OpError> {
+    Ok(SecretKey::from_seed(&store.profile()?.seed))
+}
+
+/// `coterie id`
+pub fn id(store: &Store) -> Result<IdView, OpError> {
+    let p = store.profile()?;
+    let peer = SecretKey::from_seed(&p.seed).peer_id();
+    Ok(IdView {
+        jid: format!("{}@{}", p.name, peer.onion_address()),
+        onion: peer.onion_address(),
+        fingerprint: peer.fingerprint(),
+    })
+}
+
+/// `coterie invite`: issues and records a single-use invite.
+pub fn invite(store: &Store, ttl: &str, addrs: &[PeerAddr], now: u64) -> Result<String, OpError> {
+    let secs = parse_ttl(ttl).ok_or_else(|| {
+        OpError::Usage(format!(
+            "invalid --ttl `{ttl}`: use a number followed by s, m, h, d or w (for example 7d)"
+        ))
+    })?;
+    if secs > 90 * 86400 {
+        return Err(OpError::Usage(
+            "--ttl may be at most 90d: an invite is a secret; keep its life short".into(),
+        ));
+    }
+    let p = store.profile()?;
+    let key = SecretKey::from_seed(&p.seed);
+    let inv = IssuedInvite {
+        invite_id: rand::random(),
+        secret: rand::random(),
+        expires: now + secs,
+        used: false,
+        redeemed_by: None,
+    };
+    store.add_invite(&inv)?;
+    Ok(Invite::issue(
+        &key,
+        &p.name,
+        inv.invite_id,
+        inv.secret,
+        inv.expires,
+        addrs,
+    ))
+}
+
+/// `coterie add URI`: pins the inviter and remembers the secret to redeem.
+pub fn add(store: &Store, uri: &str, name: Option<&str>, now: u64) -> Result<ContactView, OpError> {
+    let inv = Invite::parse(uri, now)?;
+    let me = secret_key(store)?.peer_id();
+    if inv.inviter == me {
+        return Err(InviteError::OwnInvite.into());
+    }
+    if let Some(c) = store
+        .contacts()?
+        .into_iter()
+        .find(|c| c.peer == *inv.inviter.as_bytes())
+    {
+        return Err(OpError::AlreadyContact(c.name));
+    }
+    let name = name.unwrap_or(&inv.name).to_string();
+    if !valid_name(&name) {
+        return Err(OpError::Usage(
+            "contact names are 1-64 characters without control characters, @, /, quotes, <, > or &"
+                .into(),
+        ));
+    }
+    let c = Contact {
+        id: 0,
+        name,
+        peer: *inv.inviter.as_bytes(),
+        addrs: inv.addrs.iter().map(|a| a.to_string()).collect(),
+        state: ContactState::Redeeming {
+            invite_id: inv.id,
+            secret: inv.secret,
+        },
+        added: now,
+        last_seen: None,
+        last_carrier: None,
+    };
+    let id = store.add_contact(c)?;
+    let c = store
+        .contact(id)?
+        .ok_or_else(|| OpError::NoSuchContact(id.to_string()))?;
+    view(store, &c, None)
+}
+
+/// The live state of a contact, as the node knows it.
+pub type Live<'a> = Option<&'a str>;
+
+/// A contact as shown to the user; `live` is the carrier of a live session.
+pub fn view(store: &Store, c: &Contact, live: Live<'_>) -> Result<ContactView, OpError> {
+    let peer = PeerId::from_bytes(c.peer).map_err(|e| OpError::Usage(e.to_string()))?;
+    let state = match (&c.state, live) {
+        (ContactState::Redeeming { .. }, _) => "pending",
+        (ContactState::Refused { .. }, _) => "refused",
+        (_, Some(_)) => "connected",
+        _ => "offline",
+    };
+    Ok(ContactView {
+        name: c.name.clone(),
+        jid: peer.onion_address(),
+        fingerprint: peer.fingerprint(),
+        state: state.into(),
+        transport: live.map(str::to_string).or_else(|| c.last_carrier.clone()),
+        last_seen: c.last_seen,
+        queued: store.outbox_len(c.id)?,
+    })
+}
+
+/// Finds a contact by name (case-insensitive) or fingerprint prefix (at least 4 hex digits).
+pub fn find_contact(store: &Store, sel: &str) -> Result<Contact, OpError> {
+    let all = store.contacts()?;
+    let by_name: Vec<&Contact> = all
+        .iter()
+        .filter(|c| c.name.eq_ignore_ascii_case(sel))
+        .collect();
+    if by_name.len() == 1 {
+        return Ok(by_name[0].clone());
+    }
+    let hex: String = sel
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let by_fp: Vec<&Contact> = if hex.len() >= 4 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        all.iter()
+            .filter(|c| {
+                PeerId::from_bytes(c.peer)
+                    .map(|p| p.fingerprint_compact().starts_with(&hex))
+                    .unwrap_or(false)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    match (by_name.len(), by_fp.len()) {
+        (_, 1) => Ok(by_fp[0].clone()),
+        (0, 0) => Err(OpError::NoSuchContact(sel.to_string())),
+        (n, m) => Err(OpError::Ambiguous(sel.to_string(), n.max(m))),
+    }
+}
+
+/// `coterie send`: stores the message durably and queues it.
+pub fn send(
+    store: &Store,
+    sel: &str,
+    text: &str,
+    now_ms: u64,
+) -> Result<(Contact, MessageView), OpError> {
+    if text.is_empty() {
+        return Err(OpError::Usage("the message is empty".into()));
+    }
+    if text.len() > MAX_BODY {
+        return Err(OpError::Usage(format!(
+            "the message is {} bytes; the limit is {MAX_BODY}",
+            text.len()
+        )));
+    }
+    let c = find_contact(store, sel)?;
+    let m = store.queue_outgoing(c.id, text, now_ms)?;
+    Ok((c, MessageView::from(&m)))
+}
+
+/// `coterie history`
+pub fn history(store: &Store, sel: &str, limit: usize) -> Result<Vec<MessageView>, OpError> {
+    let c = find_contact(store, sel)?;
+    Ok(store
+        .history(c.id, limit.clamp(1, 10_000))?
+        .iter()
+        .map(MessageView::from)
+        .collect())
+}
+
+/// Whether a message state counts as done for the sender.
+pub fn is_final(state: Delivery) -> bool {
+    matches!(state, Delivery::Delivered | Delivery::Received)
+}
