@@ -74,6 +74,14 @@ pub struct StoreError {
 }
 
 impl StoreError {
+    /// A background task running a store operation failed.
+    pub fn task(detail: String) -> Self {
+        StoreError {
+            what: "background store task",
+            detail,
+        }
+    }
+
     fn new(what: &'static str, e: impl std::fmt::Display) -> Self {
         StoreError {
             what,

@@ -1,0 +1,683 @@
+//! Connections: the pre-XML preface (session or invite redemption), the
+//! one-session-per-contact rule, and the session loop.
+//!
+//! Preface, written by the dialer right after the TLS handshake:
+//!
+//! ```text
+//! "CTR1" mode:u8                          mode 1: resume our session
+//! "CTR1" 2 invite_id:16 proof:32 n:u8 name:n   mode 2: redeem an invite
+//!                    ◀── status:u8        (mode 2 only; 0 = accepted)
+//! ```
+//!
+//! It is fixed-size binary on purpose: a key admitted only because an invite
+//! is open gets no further than these bytes unless its proof verifies, so
+//! nothing from a stranger ever reaches the XML parser.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use sha2::Digest as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use transport::{Authenticated, PeerAddr, PeerId};
+
+use super::{ConnEntry, Shared, db};
+use crate::invite::{check_proof, redeem_proof, valid_name};
+use crate::store::{Contact, ContactState, RedeemError};
+use crate::stream::session::{Event, Params, Role, Session};
+
+const MAGIC: &[u8; 4] = b"CTR1";
+const MODE_SESSION: u8 = 1;
+const MODE_REDEEM: u8 = 2;
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+const IDLE_PING: Duration = Duration::from_secs(30);
+const IDLE_DEAD: Duration = Duration::from_secs(90);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Commands to a session task.
+#[derive(Debug)]
+pub(crate) enum ConnCmd {
+    /// New stanzas are queued in the store.
+    OutboxGrew,
+    /// Close the connection.
+    Close,
+}
+
+fn status_of(e: &RedeemError) -> u8 {
+    match e {
+        RedeemError::Unknown => 1,
+        RedeemError::Used => 2,
+        RedeemError::Expired => 3,
+        RedeemError::BadProof => 4,
+        RedeemError::AlreadyContact => 5,
+    }
+}
+
+fn reason_of(status: u8) -> &'static str {
+    match status {
+        1 => "the inviter does not know this invite",
+        2 => "the invite was already used",
+        3 => "the invite expired",
+        4 => "the invite proof was refused",
+        5 => "the inviter already has this contact",
+        _ => "the inviter refused the invite",
+    }
+}
+
+/// Accepts authenticated streams from every listener.
+pub(crate) async fn accept_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Authenticated>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let a = tokio::select! {
+            a = rx.recv() => match a { Some(a) => a, None => return },
+            _ = shutdown.changed() => return,
+        };
+        let s = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = inbound(s, a).await {
+                tracing::debug!("inbound connection ended: {e}");
+            }
+        });
+    }
+}
+
+async fn inbound(shared: Arc<Shared>, mut a: Authenticated) -> Result<(), String> {
+    let peer = a.peer;
+    let mut head = [0u8; 5];
+    tokio::time::timeout(PREFACE_TIMEOUT, a.io.read_exact(&mut head))
+        .await
+        .map_err(|_| "preface timed out")?
+        .map_err(|e| e.to_string())?;
+    if &head[..4] != MAGIC {
+        return Err("bad preface".into());
+    }
+    let known = shared
+        .contacts
+        .read()
+        .ok()
+        .and_then(|c| c.get(&peer).copied());
+    let contact = match head[4] {
+        MODE_SESSION => {
+            let Some(id) = known else {
+                return Err("session from a non-contact".into());
+            };
+            let c = db(&shared.store, move |s| s.contact(id))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            match c {
+                Some(c) if c.state == ContactState::Active => c.id,
+                _ => return Err("session from a contact that is not active".into()),
+            }
+        }
+        MODE_REDEEM => redeem_inbound(&shared, &mut a).await?,
+        _ => return Err("unknown preface mode".into()),
+    };
+    run_session(shared, a, Role::Responder, peer, contact).await;
+    Ok(())
+}
+
+async fn redeem_inbound(shared: &Arc<Shared>, a: &mut Authenticated) -> Result<u64, String> {
+    let mut fixed = [0u8; 16 + 32 + 1];
+    tokio::time::timeout(PREFACE_TIMEOUT, a.io.read_exact(&mut fixed))
+        .await
+        .map_err(|_| "redeem timed out")?
+        .map_err(|e| e.to_string())?;
+    let n = fixed[48] as usize;
+    if n == 0 || n > 64 {
+        return Err("bad name length".into());
+    }
+    let mut name = vec![0u8; n];
+    tokio::time::timeout(PREFACE_TIMEOUT, a.io.read_exact(&mut name))
+        .await
+        .map_err(|_| "redeem timed out")?
+        .map_err(|e| e.to_string())?;
+    let name = String::from_utf8(name)
+        .ok()
+        .filter(|n| valid_name(n))
+        .unwrap_or_else(|| "contact".into());
+    let mut invite_id = [0u8; 16];
+    invite_id.copy_from_slice(&fixed[..16]);
+    let mut proof = [0u8; 32];
+    proof.copy_from_slice(&fixed[16..48]);
+    let (me, peer, binding) = (shared.me, a.peer, a.channel_binding);
+    let contact = Contact {
+        id: 0,
+        name,
+        peer: *peer.as_bytes(),
+        addrs: Vec::new(),
+        state: ContactState::Active,
+        added: crate::ops::now_secs(),
+        last_seen: None,
+        last_carrier: None,
+    };
+    let now = crate::ops::now_secs();
+    let res = db(&shared.store, move |s| {
+        s.redeem_invite(
+            &invite_id,
+            now,
+            |secret| check_proof(secret, &me, &peer, &binding, &proof),
+            contact,
+        )
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let status = match &res {
+        Ok(_) => 0,
+        Err(e) => status_of(e),
+    };
+    a.io.write_all(&[status]).await.map_err(|e| e.to_string())?;
+    a.io.flush().await.map_err(|e| e.to_string())?;
+    shared.refresh_policy().await;
+    match res {
+        Ok(c) => {
+            tracing::info!(peer = %peer.short(), "invite redeemed: new contact");
+            Ok(c.id)
+        }
+        Err(e) => Err(format!("invite redemption refused: {e}")),
+    }
+}
+
+/// Keeps a connection to every contact that has addresses.
+pub(crate) async fn dial_manager(shared: Arc<Shared>) {
+    let mut running = std::collections::HashSet::new();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let ids: Vec<u64> = shared
+            .contacts
+            .read()
+            .map(|c| c.values().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            if running.insert(id) {
+                tokio::spawn(dialer(shared.clone(), id));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn dialer(shared: Arc<Shared>, contact: u64) {
+    let kick = shared.kick(contact);
+    let mut shutdown = shared.shutdown.clone();
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if !shared.is_connected(contact) {
+            let c = db(&shared.store, move |s| s.contact(contact)).await;
+            let Ok(Ok(Some(c))) = c else { return };
+            if matches!(c.state, ContactState::Refused { .. }) {
+                return;
+            }
+            let addrs: Vec<PeerAddr> = c.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            if !addrs.is_empty() {
+                match dial_once(&shared, &c, &addrs).await {
+                    Ok(()) => backoff = BACKOFF_MIN,
+                    Err(e) => {
+                        tracing::debug!(contact, "dial failed: {e}");
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                }
+            }
+        }
+        // Jitter keeps two nodes from retrying in lockstep.
+        let jitter =
+            Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = kick.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Whether an error means the peer refused our key in the TLS handshake (as
+/// opposed to being unreachable). TLS 1.3 reports a refused client key only
+/// after the client's handshake completes, so this shows up on the first read.
+fn refused_by_peer(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("alert")
+        || m.contains("cryptographic handshake failed")
+        || m.contains("refused our key")
+}
+
+async fn mark_refused(shared: &Arc<Shared>, id: u64, reason: &str) -> Result<(), String> {
+    tracing::warn!(contact = id, "invite refused: {reason}");
+    let reason = reason.to_string();
+    db(
+        &shared.store,
+        move |s| -> Result<(), crate::store::StoreError> {
+            if let Some(mut c) = s.contact(id)? {
+                c.state = ContactState::Refused { reason };
+                s.update_contact(&c)?;
+            }
+            Ok(())
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    shared.refresh_policy().await;
+    Ok(())
+}
+
+const REFUSED_AT_HANDSHAKE: &str = "the inviter's node refused the connection: the invite was already used, expired or withdrawn; ask for a new one";
+
+/// Dials the contact's addresses in order; on success runs the session to its end.
+async fn dial_once(shared: &Arc<Shared>, c: &Contact, addrs: &[PeerAddr]) -> Result<(), String> {
+    let peer = PeerId::from_bytes(c.peer).map_err(|e| e.to_string())?;
+    let mut last = String::from("no usable address");
+    for addr in addrs {
+        let Some(t) = shared
+            .transports
+            .iter()
+            .find(|t| t.carrier() == addr.carrier())
+        else {
+            continue;
+        };
+        match t.dial(addr, peer).await {
+            Ok(mut a) => {
+                match &c.state {
+                    ContactState::Redeeming { invite_id, secret } => {
+                        let proof = redeem_proof(secret, &peer, &shared.me, &a.channel_binding);
+                        let name = db(&shared.store, |s| s.profile().map(|p| p.name))
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| e.to_string())?;
+                        let mut pre = Vec::with_capacity(5 + 49 + name.len());
+                        pre.extend_from_slice(MAGIC);
+                        pre.push(MODE_REDEEM);
+                        pre.extend_from_slice(invite_id);
+                        pre.extend_from_slice(&proof);
+                        pre.push(name.len() as u8);
+                        pre.extend_from_slice(name.as_bytes());
+                        a.io.write_all(&pre).await.map_err(|e| e.to_string())?;
+                        a.io.flush().await.map_err(|e| e.to_string())?;
+                        let mut st = [0u8; 1];
+                        let read = tokio::time::timeout(PREFACE_TIMEOUT, a.io.read_exact(&mut st))
+                            .await
+                            .map_err(|_| "no answer to the invite")?;
+                        if let Err(e) = read {
+                            if refused_by_peer(&e.to_string()) {
+                                mark_refused(shared, c.id, REFUSED_AT_HANDSHAKE).await?;
+                            }
+                            return Err(e.to_string());
+                        }
+                        let id = c.id;
+                        let new_state = if st[0] == 0 {
+                            ContactState::Active
+                        } else {
+                            tracing::warn!(
+                                contact = id,
+                                "invite refused by the inviter: {}",
+                                reason_of(st[0])
+                            );
+                            ContactState::Refused {
+                                reason: reason_of(st[0]).into(),
+                            }
+                        };
+                        let accepted = new_state == ContactState::Active;
+                        db(
+                            &shared.store,
+                            move |s| -> Result<(), crate::store::StoreError> {
+                                if let Some(mut c) = s.contact(id)? {
+                                    c.state = new_state;
+                                    s.update_contact(&c)?;
+                                }
+                                Ok(())
+                            },
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                        shared.refresh_policy().await;
+                        if !accepted {
+                            return Err("invite refused".into());
+                        }
+                    }
+                    ContactState::Active => {
+                        let mut pre = MAGIC.to_vec();
+                        pre.push(MODE_SESSION);
+                        a.io.write_all(&pre).await.map_err(|e| e.to_string())?;
+                    }
+                    ContactState::Refused { .. } => return Err("invite was refused".into()),
+                }
+                run_session(shared.clone(), a, Role::Initiator, shared.me, c.id).await;
+                return Ok(());
+            }
+            Err(e) => {
+                last = e.to_string();
+                if matches!(c.state, ContactState::Redeeming { .. }) && refused_by_peer(&last) {
+                    mark_refused(shared, c.id, REFUSED_AT_HANDSHAKE).await?;
+                    return Err(last);
+                }
+            }
+        }
+    }
+    Err(last)
+}
+
+fn session_id(a: &PeerId, b: &PeerId) -> String {
+    let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+    let mut h = sha2::Sha256::new();
+    h.update(b"coterie session v1");
+    h.update(lo.as_bytes());
+    h.update(hi.as_bytes());
+    data_encoding::HEXLOWER.encode(&h.finalize()[..12])
+}
+
+/// Registers a connection under the one-connection-per-contact rule: a
+/// newer connection from the same side replaces the older; between the two
+/// sides, the connection dialled by the smaller key wins. Both nodes apply
+/// the same rule, so they keep the same connection.
+fn register(
+    shared: &Shared,
+    contact: u64,
+    initiator: PeerId,
+    carrier: transport::Carrier,
+) -> Option<(u64, mpsc::Receiver<ConnCmd>)> {
+    let mut conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(old) = conns.get(&contact) {
+        let keep_old = old.initiator != initiator && old.initiator < initiator;
+        if keep_old {
+            return None;
+        }
+        let _ = old.cmd.try_send(ConnCmd::Close);
+    }
+    let conn_id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
+    let (tx, rx) = mpsc::channel(8);
+    conns.insert(
+        contact,
+        ConnEntry {
+            conn_id,
+            initiator,
+            carrier,
+            cmd: tx,
+            since: Instant::now(),
+            resumed: false,
+        },
+    );
+    Some((conn_id, rx))
+}
+
+fn unregister(shared: &Shared, contact: u64, conn_id: u64) {
+    let mut conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+    if conns.get(&contact).map(|e| e.conn_id) == Some(conn_id) {
+        conns.remove(&contact);
+    }
+}
+
+fn still_current(shared: &Shared, contact: u64, conn_id: u64) -> bool {
+    shared
+        .conns
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&contact)
+        .map(|e| e.conn_id)
+        == Some(conn_id)
+}
+
+async fn run_session(
+    shared: Arc<Shared>,
+    a: Authenticated,
+    role: Role,
+    initiator: PeerId,
+    contact: u64,
+) {
+    let peer = a.peer;
+    let carrier = a.carrier;
+    let Some((conn_id, cmd_rx)) = register(&shared, contact, initiator, carrier) else {
+        tracing::debug!(peer = %peer.short(), "duplicate connection dropped");
+        return;
+    };
+    // One session per contact at a time: wait for a replaced one to finish.
+    let lock = shared.session_lock(contact);
+    let guard = tokio::time::timeout(Duration::from_secs(15), lock.lock_owned()).await;
+    let Ok(_guard) = guard else {
+        unregister(&shared, contact, conn_id);
+        return;
+    };
+    if !still_current(&shared, contact, conn_id) {
+        return;
+    }
+    let span = tracing::info_span!("session", peer = %peer.short(), %carrier);
+    let _enter = span.enter();
+    drop(_enter);
+    let result = session_loop(&shared, a, role, contact, conn_id, cmd_rx).await;
+    unregister(&shared, contact, conn_id);
+    match &result {
+        Ok(()) => tracing::debug!(peer = %peer.short(), "session ended"),
+        Err(e) => tracing::info!(peer = %peer.short(), "session ended: {e}"),
+    }
+    let now = crate::ops::now_secs();
+    let c = carrier.to_string();
+    let _ = db(
+        &shared.store,
+        move |s| -> Result<(), crate::store::StoreError> {
+            if let Some(mut ct) = s.contact(contact)? {
+                ct.last_seen = Some(now);
+                ct.last_carrier = Some(c);
+                s.update_contact(&ct)?;
+            }
+            Ok(())
+        },
+    )
+    .await;
+    // Wake the dialer: the contact may be reachable again soon.
+    shared.kick(contact).notify_one();
+}
+
+async fn write_out(
+    session: &mut Session,
+    wr: &mut (impl AsyncWriteExt + Unpin),
+) -> Result<(), String> {
+    let mut wrote = false;
+    while let Some(unit) = session.poll_transmit() {
+        // Each padded unit is its own write, hence its own TLS record(s).
+        tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&unit))
+            .await
+            .map_err(|_| "peer stopped reading")?
+            .map_err(|e| e.to_string())?;
+        wrote = true;
+    }
+    if wrote {
+        tokio::time::timeout(WRITE_TIMEOUT, wr.flush())
+            .await
+            .map_err(|_| "peer stopped reading")?
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+async fn session_loop(
+    shared: &Arc<Shared>,
+    a: Authenticated,
+    role: Role,
+    contact: u64,
+    conn_id: u64,
+    mut cmd_rx: mpsc::Receiver<ConnCmd>,
+) -> Result<(), String> {
+    let peer = a.peer;
+    let st = db(&shared.store, move |s| s.peer_state(contact))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let params = Params {
+        role,
+        local: shared.me.onion_address(),
+        peer: peer.onion_address(),
+        session_id: session_id(&shared.me, &peer),
+        in_h: st.in_h,
+        out_acked: st.out_acked,
+        limits: shared.cfg.limits,
+        rate: shared.cfg.rate,
+    };
+    let mut session = Session::new(params, Instant::now());
+    let (mut rd, mut wr) = tokio::io::split(a.io);
+    let mut buf = vec![0u8; 32 * 1024];
+    // Our stanzas up to this number have been written on this connection.
+    let mut sent_upto: Option<u64> = None;
+    let mut last_rx = Instant::now();
+    let mut shutdown = shared.shutdown.clone();
+    write_out(&mut session, &mut wr).await?;
+    loop {
+        if let Some(until) = session.throttle_until() {
+            let now = Instant::now();
+            if until > now {
+                tokio::time::sleep(until - now).await;
+            }
+        }
+        let idle = tokio::time::sleep_until((last_rx + IDLE_PING).into());
+        tokio::select! {
+            r = rd.read(&mut buf) => {
+                let n = r.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("connection closed by peer".into());
+                }
+                last_rx = Instant::now();
+                let events = session.handle_input(&buf[..n], last_rx);
+                for ev in events {
+                    handle_event(shared, &mut session, contact, conn_id, &mut sent_upto, ev).await?;
+                }
+            }
+            cmd = cmd_rx.recv() => match cmd {
+                Some(ConnCmd::OutboxGrew) => send_outbox(shared, &mut session, contact, &mut sent_upto).await?,
+                Some(ConnCmd::Close) | None => {
+                    session.close();
+                    let _ = write_out(&mut session, &mut wr).await;
+                    return Ok(());
+                }
+            },
+            _ = idle => {
+                if last_rx.elapsed() >= IDLE_DEAD {
+                    return Err("peer silent for too long".into());
+                }
+                session.request_ack();
+            }
+            _ = shutdown.changed() => {
+                session.close();
+                let _ = write_out(&mut session, &mut wr).await;
+                return Ok(());
+            }
+        }
+        write_out(&mut session, &mut wr).await?;
+        if session.is_closed() {
+            return Ok(());
+        }
+    }
+}
+
+async fn handle_event(
+    shared: &Arc<Shared>,
+    session: &mut Session,
+    contact: u64,
+    conn_id: u64,
+    sent_upto: &mut Option<u64>,
+    ev: Event,
+) -> Result<(), String> {
+    match ev {
+        Event::Resumed { peer_h } => {
+            db(&shared.store, move |s| s.ack_outgoing(contact, peer_h))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            *sent_upto = Some(peer_h);
+            {
+                let mut conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(e) = conns.get_mut(&contact).filter(|e| e.conn_id == conn_id) {
+                    e.resumed = true;
+                }
+            }
+            tracing::info!("session resumed");
+            let addrs: Vec<String> = shared
+                .advertised
+                .read()
+                .map(|a| a.iter().map(|a| a.to_string()).collect())
+                .unwrap_or_default();
+            session.send_addresses(&addrs);
+            send_outbox(shared, session, contact, sent_upto).await?;
+        }
+        Event::Stanzas(items) => {
+            let now = crate::ops::now_ms();
+            let res = db(&shared.store, move |s| s.receive(contact, &items, now))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            // Durable first, then the ack.
+            session.persisted(res.h);
+            if res.queued_stanzas {
+                send_outbox(shared, session, contact, sent_upto).await?;
+            }
+        }
+        Event::Acked(h) => {
+            db(&shared.store, move |s| s.ack_outgoing(contact, h))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        Event::Addresses(addrs) => {
+            let valid: Vec<String> = addrs
+                .into_iter()
+                .filter(|a| {
+                    matches!(
+                        a.parse::<PeerAddr>(),
+                        Ok(PeerAddr::Tcp(_) | PeerAddr::Quic(_) | PeerAddr::Memory(_))
+                    )
+                })
+                .collect();
+            db(
+                &shared.store,
+                move |s| -> Result<(), crate::store::StoreError> {
+                    if let Some(mut c) = s.contact(contact)? {
+                        if c.addrs != valid {
+                            c.addrs = valid;
+                            s.update_contact(&c)?;
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        }
+        Event::Closed => return Err("peer closed the stream".into()),
+        Event::PeerError(cond) => return Err(format!("peer sent stream error {cond}")),
+        Event::Fault(f) => {
+            tracing::warn!("closing stream after bad input from peer: {}", f.detail);
+        }
+    }
+    Ok(())
+}
+
+async fn send_outbox(
+    shared: &Arc<Shared>,
+    session: &mut Session,
+    contact: u64,
+    sent_upto: &mut Option<u64>,
+) -> Result<(), String> {
+    let Some(after) = *sent_upto else {
+        return Ok(());
+    };
+    if !session.is_open() {
+        return Ok(());
+    }
+    let items = db(&shared.store, move |s| s.outbox_after(contact, after))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    for (n, st) in items {
+        session.send(&st);
+        *sent_upto = Some(n);
+    }
+    Ok(())
+}

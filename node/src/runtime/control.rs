@@ -1,0 +1,324 @@
+//! The control socket: a Unix socket in the profile directory (mode 0600,
+//! the directory 0700) through which `coterie send|history|contacts|status`
+//! reach a running node. One JSON request per line, one JSON response per line.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use super::{Shared, db};
+use crate::ops::{self, ContactView, MessageView, OpError};
+
+/// File name of the control socket inside the profile directory.
+pub const SOCKET_NAME: &str = "control.sock";
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// A request to the running node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// Own identity.
+    Id,
+    /// New invite.
+    Invite {
+        /// Lifetime, e.g. `7d`.
+        ttl: String,
+    },
+    /// Add a contact.
+    Add {
+        /// Invite URI.
+        uri: String,
+        /// Local name.
+        name: Option<String>,
+    },
+    /// List contacts.
+    Contacts,
+    /// Send a message.
+    Send {
+        /// Name or fingerprint prefix.
+        contact: String,
+        /// Text.
+        text: String,
+    },
+    /// Message history.
+    History {
+        /// Name or fingerprint prefix.
+        contact: String,
+        /// Most recent N.
+        limit: usize,
+    },
+    /// Node status.
+    Status,
+    /// Stop the node.
+    Stop,
+}
+
+/// The answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether it worked.
+    pub ok: bool,
+    /// What went wrong (for people).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Exit code for the CLI.
+    pub code: i32,
+    /// The result.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+impl Response {
+    fn ok(v: impl Serialize) -> Self {
+        Response {
+            ok: true,
+            error: None,
+            code: 0,
+            data: serde_json::to_value(v).ok(),
+        }
+    }
+    fn err(e: &OpError) -> Self {
+        Response {
+            ok: false,
+            error: Some(e.to_string()),
+            code: e.exit_code(),
+            data: None,
+        }
+    }
+}
+
+/// A peer with a live session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerView {
+    /// Contact name.
+    pub name: String,
+    /// Carrier.
+    pub transport: String,
+    /// Seconds since the session started.
+    pub since_secs: u64,
+}
+
+/// `coterie status`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    /// Whether a node is running (always true from the node).
+    pub running: bool,
+    /// Addresses the node listens on / announces.
+    pub listening: Vec<String>,
+    /// Live sessions.
+    pub peers: Vec<PeerView>,
+    /// Contacts known.
+    pub contacts: usize,
+    /// Stanzas waiting for acks, all contacts.
+    pub queued: u64,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+}
+
+/// Binds the control socket, replacing a stale one.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another node is already running on this profile",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener, stop: watch::Sender<bool>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            _ = shutdown.changed() => return,
+        };
+        let (s, stop) = (shared.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _ = handle_client(s, stream, stop).await;
+        });
+    }
+}
+
+async fn handle_client(
+    shared: Arc<Shared>,
+    stream: UnixStream,
+    stop: watch::Sender<bool>,
+) -> std::io::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut lines = BufReader::new(rd.take(MAX_REQUEST as u64 * 16)).lines();
+    while let Some(line) = lines.next_line().await? {
+        if line.len() > MAX_REQUEST {
+            break;
+        }
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => dispatch(&shared, req, &stop).await,
+            Err(e) => Response::err(&OpError::Usage(format!("bad control request: {e}"))),
+        };
+        let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+        out.push(b'\n');
+        wr.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+async fn dispatch(shared: &Arc<Shared>, req: Request, stop: &watch::Sender<bool>) -> Response {
+    let r: Result<serde_json::Value, OpError> = async {
+        Ok(match req {
+            Request::Id => json(db(&shared.store, |s| ops::id(s)).await??),
+            Request::Invite { ttl } => json(do_invite(shared, &ttl).await?),
+            Request::Add { uri, name } => json(do_add(shared, &uri, name.as_deref()).await?),
+            Request::Contacts => json(contacts(shared).await?),
+            Request::Send { contact, text } => json(do_send(shared, &contact, &text).await?),
+            Request::History { contact, limit } => {
+                json(db(&shared.store, move |s| ops::history(s, &contact, limit)).await??)
+            }
+            Request::Status => json(status(shared)),
+            Request::Stop => {
+                let _ = stop.send(true);
+                serde_json::Value::Null
+            }
+        })
+    }
+    .await;
+    match r {
+        Ok(v) => Response::ok(v),
+        Err(e) => Response::err(&e),
+    }
+}
+
+fn json(v: impl Serialize) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+pub(crate) async fn do_invite(shared: &Arc<Shared>, ttl: &str) -> Result<String, OpError> {
+    let addrs = shared
+        .advertised
+        .read()
+        .map(|a| a.clone())
+        .unwrap_or_default();
+    let ttl = ttl.to_string();
+    let uri = db(&shared.store, move |s| {
+        ops::invite(s, &ttl, &addrs, ops::now_secs())
+    })
+    .await??;
+    shared.refresh_policy().await;
+    Ok(uri)
+}
+
+pub(crate) async fn do_add(
+    shared: &Arc<Shared>,
+    uri: &str,
+    name: Option<&str>,
+) -> Result<ContactView, OpError> {
+    let (uri, name) = (uri.to_string(), name.map(str::to_string));
+    let v = db(&shared.store, move |s| {
+        ops::add(s, &uri, name.as_deref(), ops::now_secs())
+    })
+    .await??;
+    shared.refresh_policy().await;
+    Ok(v)
+}
+
+pub(crate) async fn do_send(
+    shared: &Arc<Shared>,
+    contact: &str,
+    text: &str,
+) -> Result<MessageView, OpError> {
+    let (contact, text) = (contact.to_string(), text.to_string());
+    let (c, m) = db(&shared.store, move |s| {
+        ops::send(s, &contact, &text, ops::now_ms())
+    })
+    .await??;
+    shared.outbox_grew(c.id);
+    Ok(m)
+}
+
+async fn contacts(shared: &Arc<Shared>) -> Result<Vec<ContactView>, OpError> {
+    let all = db(&shared.store, |s| s.contacts()).await??;
+    let mut out = Vec::new();
+    for c in all {
+        let live = shared.live_carrier(c.id).map(|c| c.to_string());
+        let store = shared.store.clone();
+        out.push(db(&store, move |s| ops::view(s, &c, live.as_deref())).await??);
+    }
+    Ok(out)
+}
+
+pub(crate) fn status(shared: &Arc<Shared>) -> StatusView {
+    let names: std::collections::HashMap<u64, String> = shared
+        .store
+        .contacts()
+        .map(|cs| cs.into_iter().map(|c| (c.id, c.name)).collect())
+        .unwrap_or_default();
+    let peers = {
+        let conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns
+            .iter()
+            .filter(|(_, e)| e.resumed)
+            .map(|(id, e)| PeerView {
+                name: names.get(id).cloned().unwrap_or_default(),
+                transport: e.carrier.to_string(),
+                since_secs: e.since.elapsed().as_secs(),
+            })
+            .collect()
+    };
+    let queued = names
+        .keys()
+        .map(|id| shared.store.outbox_len(*id).unwrap_or(0))
+        .sum();
+    StatusView {
+        running: true,
+        listening: shared
+            .advertised
+            .read()
+            .map(|a| a.iter().map(|a| a.to_string()).collect())
+            .unwrap_or_default(),
+        peers,
+        contacts: names.len(),
+        queued,
+        uptime_secs: shared.started.elapsed().as_secs(),
+    }
+}
+
+/// Why the CLI could not talk to the node.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No node is listening.
+    #[error("no node is running on this profile")]
+    NotRunning,
+    /// The node did not answer sensibly.
+    #[error("the running node did not answer: {0}")]
+    Broken(String),
+}
+
+/// Sends one request to the node running on the profile in `dir`.
+pub async fn request(dir: &Path, req: &Request) -> Result<Response, ControlError> {
+    let path = dir.join(SOCKET_NAME);
+    let stream = UnixStream::connect(&path)
+        .await
+        .map_err(|_| ControlError::NotRunning)?;
+    let (rd, mut wr) = stream.into_split();
+    let mut line = serde_json::to_vec(req).map_err(|e| ControlError::Broken(e.to_string()))?;
+    line.push(b'\n');
+    wr.write_all(&line)
+        .await
+        .map_err(|e| ControlError::Broken(e.to_string()))?;
+    let mut lines = BufReader::new(rd).lines();
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+        .await
+        .map_err(|_| ControlError::Broken("timed out".into()))?
+        .map_err(|e| ControlError::Broken(e.to_string()))?
+        .ok_or_else(|| ControlError::Broken("connection closed".into()))?;
+    serde_json::from_str(&resp).map_err(|e| ControlError::Broken(e.to_string()))
+}

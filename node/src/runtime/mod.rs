@@ -1,0 +1,414 @@
+//! The running node: listeners, dialers, one session task per contact, and
+//! the control socket. Thin async glue around the sans-IO session and the
+//! store.
+//!
+//! ```text
+//!  TCP/QUIC/memory listeners ──▶ accept ──▶ preface ──┐
+//!  per-contact dialer ──▶ dial ──▶ preface ───────────┤
+//!                                                     ▼
+//!                         session task (one per contact, serialized by a lock)
+//!                           Session (sans-IO) ⇄ socket, Store (spawn_blocking)
+//!  control socket (0600) ──▶ ops on the store, kicks the session task
+//! ```
+
+mod conn;
+pub mod control;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc, watch};
+use transport::memory::MemoryNetwork;
+use transport::{Carrier, PeerAddr, PeerId, PeerPolicy, SecretKey, TlsContext, Transport};
+
+use crate::store::{ContactState, Store};
+use crate::stream::parser::Limits;
+use crate::stream::session::RateLimit;
+
+/// How the node runs.
+#[derive(Debug, Clone, Default)]
+pub struct NodeConfig {
+    /// Addresses to listen on (TCP and QUIC on each).
+    pub listen: Vec<SocketAddr>,
+    /// Addresses to put in invites and announce to contacts instead of the bound ones.
+    pub advertise: Vec<PeerAddr>,
+    /// An in-memory network to join under this name (tests).
+    pub memory: Option<(MemoryNetwork, String)>,
+    /// Input limits per stream.
+    pub limits: Limits,
+    /// Input rate per stream.
+    pub rate: RateLimit,
+    /// Serve the control socket in the profile directory.
+    pub control_socket: bool,
+}
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] transport::TlsSetupError),
+    /// A listener could not be bound.
+    #[error(
+        "cannot listen on {addr}: {reason} (is another node using this port? pick another with --listen)"
+    )]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The control socket could not be created.
+    #[error("cannot create the control socket {path}: {source}")]
+    Control {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A live connection, as the node tracks it.
+#[derive(Debug)]
+pub(crate) struct ConnEntry {
+    pub(crate) conn_id: u64,
+    pub(crate) initiator: PeerId,
+    pub(crate) carrier: Carrier,
+    pub(crate) cmd: mpsc::Sender<conn::ConnCmd>,
+    pub(crate) since: Instant,
+    pub(crate) resumed: bool,
+}
+
+/// State shared by the node's tasks.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) store: Arc<Store>,
+    pub(crate) me: PeerId,
+    pub(crate) cfg: NodeConfig,
+    /// peer key → contact id, for the TLS policy.
+    pub(crate) contacts: RwLock<HashMap<PeerId, u64>>,
+    pub(crate) open_invites: AtomicBool,
+    pub(crate) conns: Mutex<HashMap<u64, ConnEntry>>,
+    pub(crate) session_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) kicks: Mutex<HashMap<u64, Arc<Notify>>>,
+    pub(crate) advertised: RwLock<Vec<PeerAddr>>,
+    pub(crate) transports: Vec<Arc<dyn Transport>>,
+    pub(crate) next_conn: AtomicU64,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) started: Instant,
+}
+
+#[derive(Debug)]
+struct Policy(std::sync::Weak<Shared>);
+
+impl PeerPolicy for Policy {
+    fn admit(&self, peer: &PeerId) -> bool {
+        let Some(s) = self.0.upgrade() else {
+            return false;
+        };
+        let known = s
+            .contacts
+            .read()
+            .map(|c| c.contains_key(peer))
+            .unwrap_or(false);
+        known || s.open_invites.load(Ordering::SeqCst)
+    }
+}
+
+/// Runs a blocking store operation off the async threads.
+pub(crate) async fn db<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl FnOnce(&Store) -> T + Send + 'static,
+) -> Result<T, crate::store::StoreError> {
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || f(&s))
+        .await
+        .map_err(|e| crate::store::StoreError::task(e.to_string()))
+}
+
+impl Shared {
+    pub(crate) fn kick(&self, contact: u64) -> Arc<Notify> {
+        let mut k = self.kicks.lock().unwrap_or_else(|e| e.into_inner());
+        k.entry(contact)
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
+    }
+
+    pub(crate) fn session_lock(&self, contact: u64) -> Arc<tokio::sync::Mutex<()>> {
+        let mut l = self.session_locks.lock().unwrap_or_else(|e| e.into_inner());
+        l.entry(contact)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone()
+    }
+
+    pub(crate) fn live_carrier(&self, contact: u64) -> Option<Carrier> {
+        let c = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        c.get(&contact).filter(|e| e.resumed).map(|e| e.carrier)
+    }
+
+    pub(crate) fn is_connected(&self, contact: u64) -> bool {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&contact)
+    }
+
+    /// Tells the session task for `contact` (if any) that the outbox grew,
+    /// or wakes its dialer.
+    pub(crate) fn outbox_grew(&self, contact: u64) {
+        let cmd = {
+            let c = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            c.get(&contact).map(|e| e.cmd.clone())
+        };
+        match cmd {
+            Some(tx) => {
+                let _ = tx.try_send(conn::ConnCmd::OutboxGrew);
+            }
+            None => self.kick(contact).notify_one(),
+        }
+    }
+
+    pub(crate) async fn refresh_policy(&self) {
+        let now = crate::ops::now_secs();
+        let store = self.store.clone();
+        let res = db(&store, move |s| -> Result<_, crate::store::StoreError> {
+            let contacts = s.contacts()?;
+            let open = s.has_open_invites(now)?;
+            Ok((contacts, open))
+        })
+        .await;
+        if let Ok(Ok((contacts, open))) = res {
+            let map: HashMap<PeerId, u64> = contacts
+                .iter()
+                .filter(|c| !matches!(c.state, ContactState::Refused { .. }))
+                .filter_map(|c| PeerId::from_bytes(c.peer).ok().map(|p| (p, c.id)))
+                .collect();
+            if let Ok(mut m) = self.contacts.write() {
+                *m = map;
+            }
+            self.open_invites.store(open, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A running node. Dropping it does not stop it; call [`Node::shutdown`].
+#[derive(Debug)]
+pub struct Node {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Node {
+    /// Starts listeners, dialers and the control socket.
+    pub async fn start(store: Store, cfg: NodeConfig) -> Result<Node, StartError> {
+        let store = Arc::new(store);
+        let profile = db(&store, |s| s.profile()).await??;
+        let key = SecretKey::from_seed(&profile.seed);
+        let me = key.peer_id();
+        let tls = TlsContext::new(&key)?;
+        let (stop, shutdown) = watch::channel(false);
+        let mut transports: Vec<Arc<dyn Transport>> = vec![
+            Arc::new(transport::tcp::TcpTransport::new(tls.clone())),
+            Arc::new(transport::quic::QuicTransport::new(tls.clone())),
+        ];
+        if let Some((net, _)) = &cfg.memory {
+            transports.push(Arc::new(net.transport(me)));
+        }
+        let shared = Arc::new_cyclic(|_| Shared {
+            store: store.clone(),
+            me,
+            cfg: cfg.clone(),
+            contacts: RwLock::new(HashMap::new()),
+            open_invites: AtomicBool::new(false),
+            conns: Mutex::new(HashMap::new()),
+            session_locks: Mutex::new(HashMap::new()),
+            kicks: Mutex::new(HashMap::new()),
+            advertised: RwLock::new(Vec::new()),
+            transports,
+            next_conn: AtomicU64::new(1),
+            shutdown,
+            started: Instant::now(),
+        });
+        shared.refresh_policy().await;
+        let policy: Arc<dyn PeerPolicy> = Arc::new(Policy(Arc::downgrade(&shared)));
+        let (acc_tx, acc_rx) = mpsc::channel(64);
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut bound = Vec::new();
+        for addr in &cfg.listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| StartError::Bind {
+                    addr: format!("tcp:{addr}"),
+                    reason: e.to_string(),
+                })?;
+            let tcp_addr = l.local_addr().map_err(|e| StartError::Bind {
+                addr: format!("tcp:{addr}"),
+                reason: e.to_string(),
+            })?;
+            let ep = transport::quic::bind(tcp_addr, &tls, policy.clone()).map_err(|e| {
+                StartError::Bind {
+                    addr: format!("quic:{tcp_addr}"),
+                    reason: e.to_string(),
+                }
+            })?;
+            bound.push(PeerAddr::Tcp(tcp_addr));
+            bound.push(PeerAddr::Quic(tcp_addr));
+            let (tls2, pol2, tx2) = (tls.clone(), policy.clone(), acc_tx.clone());
+            tasks.spawn(async move {
+                if let Err(e) = transport::tcp::serve(l, tls2, pol2, tx2).await {
+                    tracing::error!("TCP listener stopped: {e}");
+                }
+            });
+            tasks.spawn(transport::quic::serve(ep, acc_tx.clone()));
+        }
+        if let Some((net, name)) = &cfg.memory {
+            let mut rx = net.listen(name, me, policy.clone());
+            let tx = acc_tx.clone();
+            bound.push(PeerAddr::Memory(name.clone()));
+            tasks.spawn(async move {
+                while let Some(a) = rx.recv().await {
+                    if tx.send(a).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(acc_tx);
+        let advertised = if cfg.advertise.is_empty() {
+            bound.clone()
+        } else {
+            cfg.advertise.clone()
+        };
+        if let Ok(mut a) = shared.advertised.write() {
+            *a = advertised.clone();
+        }
+        let strs: Vec<String> = advertised.iter().map(|a| a.to_string()).collect();
+        db(&store, move |s| -> Result<(), crate::store::StoreError> {
+            let mut p = s.profile()?;
+            if p.last_addrs != strs {
+                p.last_addrs = strs;
+                s.set_profile(&p)?;
+            }
+            Ok(())
+        })
+        .await??;
+        tracing::info!(node = %me.short(), listeners = bound.len(), "node started");
+
+        tasks.spawn(conn::accept_loop(shared.clone(), acc_rx));
+        tasks.spawn(conn::dial_manager(shared.clone()));
+        tasks.spawn(retention_loop(shared.clone()));
+        if cfg.control_socket {
+            let path = store.dir().join(control::SOCKET_NAME);
+            let listener = control::bind(&path).map_err(|source| StartError::Control {
+                path: path.clone(),
+                source,
+            })?;
+            tasks.spawn(control::serve(shared.clone(), listener, stop.clone()));
+        }
+        Ok(Node {
+            shared,
+            stop,
+            tasks,
+        })
+    }
+
+    /// This node's identity.
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.me
+    }
+
+    /// The addresses contacts are told.
+    pub fn advertised(&self) -> Vec<PeerAddr> {
+        self.shared
+            .advertised
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_default()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.shared.store
+    }
+
+    /// Sends a message (see [`crate::ops::send`]) and wakes the session.
+    pub async fn send(
+        &self,
+        contact: &str,
+        text: &str,
+    ) -> Result<crate::ops::MessageView, crate::ops::OpError> {
+        control::do_send(&self.shared, contact, text).await
+    }
+
+    /// Creates an invite with this node's addresses.
+    pub async fn invite(&self, ttl: &str) -> Result<String, crate::ops::OpError> {
+        control::do_invite(&self.shared, ttl).await
+    }
+
+    /// Adds a contact from an invite and starts redeeming it.
+    pub async fn add(
+        &self,
+        uri: &str,
+        name: Option<&str>,
+    ) -> Result<crate::ops::ContactView, crate::ops::OpError> {
+        control::do_add(&self.shared, uri, name).await
+    }
+
+    /// Current status.
+    pub fn status(&self) -> control::StatusView {
+        control::status(&self.shared)
+    }
+
+    /// Waits until a stop is requested (control socket `stop`) or the signal future fires.
+    pub async fn wait(&mut self, signal: impl std::future::Future<Output = ()>) {
+        let mut rx = self.stop.subscribe();
+        tokio::select! {
+            _ = signal => {}
+            _ = rx.wait_for(|v| *v) => {}
+        }
+    }
+
+    /// Stops every task; sessions end without a goodbye (the peer resumes later).
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some((net, name)) = &self.shared.cfg.memory {
+            net.unlisten(name);
+        }
+        let conns: Vec<_> = {
+            let c = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+            c.values().map(|e| e.cmd.clone()).collect()
+        };
+        for c in conns {
+            let _ = c.try_send(conn::ConnCmd::Close);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.tasks.shutdown().await;
+        if self.shared.cfg.control_socket {
+            let _ = std::fs::remove_file(self.shared.store.dir().join(control::SOCKET_NAME));
+        }
+    }
+}
+
+async fn retention_loop(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let store = shared.store.clone();
+        match db(&store, |s| s.apply_retention(crate::ops::now_ms())).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(deleted = n, "retention removed old messages"),
+            Ok(Err(e)) => tracing::warn!("retention failed: {e}"),
+            _ => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Several nodes in one process over the in-memory transport: invites,
+//! redemption, chat both ways, receipts, offline queueing and restarts.
+
+use std::time::Duration;
+
+use coterie_node::runtime::{Node, NodeConfig};
+use coterie_node::store::crypto::KdfParams;
+use coterie_node::store::{DEFAULT_RETENTION_DAYS, Delivery, Profile, Store};
+use transport::memory::MemoryNetwork;
+
+fn kdf() -> KdfParams {
+    KdfParams {
+        m_kib: 64,
+        t: 1,
+        p: 1,
+        salt: "000102030405060708090a0b0c0d0e0f".into(),
+    }
+}
+
+fn create(dir: &std::path::Path, name: &str) {
+    let p = Profile {
+        name: name.into(),
+        seed: rand::random(),
+        created: 0,
+        retention_days: DEFAULT_RETENTION_DAYS,
+        last_addrs: vec![],
+    };
+    Store::create(dir, "pw", &p, kdf()).expect("create");
+}
+
+async fn start(dir: &std::path::Path, net: &MemoryNetwork, name: &str) -> Node {
+    let store = Store::open(dir, "pw").expect("open");
+    let cfg = NodeConfig {
+        memory: Some((net.clone(), name.into())),
+        ..Default::default()
+    };
+    Node::start(store, cfg).await.expect("start")
+}
+
+async fn wait_for<F: Fn() -> bool>(what: &str, f: F) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn states(node: &Node, contact: &str) -> Vec<(String, Delivery)> {
+    let c = coterie_node::ops::find_contact(node.store(), contact).expect("contact");
+    node.store()
+        .history(c.id, 1000)
+        .expect("history")
+        .into_iter()
+        .map(|m| (m.body, m.state))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invite_add_chat_both_ways_and_queue_while_offline() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let net = MemoryNetwork::new();
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    create(&da, "alice");
+    create(&db, "bob");
+    let a = start(&da, &net, "alice").await;
+    let b = start(&db, &net, "bob").await;
+
+    let uri = a.invite("1h").await.expect("invite");
+    b.add(&uri, None).await.expect("add");
+    wait_for("redemption", || {
+        a.store().contacts().map(|c| c.len() == 1).unwrap_or(false)
+    })
+    .await;
+    wait_for("session", || {
+        a.status().peers.len() == 1 && b.status().peers.len() == 1
+    })
+    .await;
+
+    b.send("alice", "hello alice").await.expect("send");
+    a.send("bob", "hello bob").await.expect("send");
+    wait_for("delivery both ways", || {
+        states(&a, "bob").contains(&("hello bob".into(), Delivery::Delivered))
+            && states(&b, "alice").contains(&("hello alice".into(), Delivery::Delivered))
+    })
+    .await;
+    assert!(states(&a, "bob").contains(&("hello alice".into(), Delivery::Received)));
+
+    // Bob goes offline; Alice queues; Bob comes back and gets it once.
+    b.shutdown().await;
+    a.send("bob", "while you were away").await.expect("send");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(states(&a, "bob").contains(&("while you were away".into(), Delivery::Queued)));
+    let b = start(&db, &net, "bob").await;
+    wait_for("queued message delivered", || {
+        states(&a, "bob").contains(&("while you were away".into(), Delivery::Delivered))
+    })
+    .await;
+    let got: Vec<_> = states(&b, "alice")
+        .into_iter()
+        .filter(|(t, _)| t == "while you were away")
+        .collect();
+    assert_eq!(got.len(), 1, "exactly once");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_works_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let net = MemoryNetwork::new();
+    for n in ["a", "b", "c"] {
+        create(&tmp.path().join(n), n);
+    }
+    let a = start(&tmp.path().join("a"), &net, "a").await;
+    let b = start(&tmp.path().join("b"), &net, "b").await;
+    let c = start(&tmp.path().join("c"), &net, "c").await;
+    let uri = a.invite("1h").await.expect("invite");
+    b.add(&uri, Some("inviter")).await.expect("add");
+    wait_for("b redeemed", || {
+        a.store().contacts().map(|c| c.len() == 1).unwrap_or(false)
+    })
+    .await;
+    c.add(&uri, Some("inviter"))
+        .await
+        .expect("add stores it; redemption is refused later");
+    wait_for("c refused", || {
+        c.store()
+            .contacts()
+            .map(|cs| {
+                cs.iter()
+                    .any(|x| matches!(x.state, coterie_node::store::ContactState::Refused { .. }))
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    assert_eq!(a.store().contacts().expect("contacts").len(), 1);
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
