@@ -1,0 +1,629 @@
+//! Command-line parsing, passphrase handling and output.
+//!
+//! Exit codes (also in the README):
+//! 0 success · 1 internal or storage error · 2 bad usage · 3 no profile ·
+//! 4 wrong passphrase · 5 no such contact · 6 invite refused or invalid ·
+//! 7 profile busy / node not answering · 8 network (cannot listen)
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+use coterie_node::invite::valid_name;
+use coterie_node::ops::{self, OpError};
+use coterie_node::runtime::control::{self, ControlError, Request, Response};
+use coterie_node::runtime::{Node, NodeConfig};
+use coterie_node::store::crypto::KdfParams;
+use coterie_node::store::{self, OpenStoreError, Profile, Store};
+use serde::Serialize;
+use transport::PeerAddr;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "coterie",
+    version,
+    about = "Coterie: a serverless, end-to-end encrypted messenger"
+)]
+struct Cli {
+    /// Profile directory (default: $XDG_DATA_HOME/coterie/default).
+    #[arg(long, global = true, env = "COTERIE_PROFILE")]
+    profile: Option<PathBuf>,
+    /// Print one JSON object per line.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a profile (passphrase from COTERIE_PASSPHRASE, else prompted).
+    Init {
+        /// Your display name (the part before @ in your address).
+        #[arg(long, default_value = "me")]
+        name: String,
+    },
+    /// Show your address and fingerprint.
+    Id,
+    /// Print a single-use invite link.
+    Invite {
+        /// How long the invite stays valid (s, m, h, d, w).
+        #[arg(long, default_value = "7d")]
+        ttl: String,
+    },
+    /// Add a contact from an invite link.
+    Add {
+        /// The invite link (xmpp:…?coterie-invite;…).
+        uri: String,
+        /// What to call them (default: the name in the invite).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List contacts and their state.
+    Contacts,
+    /// Run the node in the foreground.
+    Run {
+        /// Listen on ADDR (TCP and QUIC). Repeatable. Default 127.0.0.1:7474.
+        #[arg(long = "listen", value_name = "ADDR")]
+        listen: Vec<SocketAddr>,
+        /// Announce ADDR (tcp:IP:PORT or quic:IP:PORT) instead of the listen addresses. Repeatable.
+        #[arg(long = "advertise", value_name = "ADDR")]
+        advertise: Vec<String>,
+    },
+    /// Send a message (queued durably if the contact is offline).
+    Send {
+        /// Contact name or fingerprint prefix.
+        contact: String,
+        /// The text.
+        text: String,
+    },
+    /// Show messages with a contact.
+    History {
+        /// Contact name or fingerprint prefix.
+        contact: String,
+        /// How many of the latest messages.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// What the node is doing.
+    Status,
+    /// Stop a running node.
+    Stop,
+    /// Destroy the profile irrecoverably.
+    Wipe {
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+struct Fail {
+    code: i32,
+    msg: String,
+}
+
+impl From<OpError> for Fail {
+    fn from(e: OpError) -> Self {
+        Fail {
+            code: e.exit_code(),
+            msg: e.to_string(),
+        }
+    }
+}
+
+impl From<OpenStoreError> for Fail {
+    fn from(e: OpenStoreError) -> Self {
+        let code = match e {
+            OpenStoreError::NoProfile(_) => 3,
+            OpenStoreError::WrongPassphrase(_) => 4,
+            OpenStoreError::InUse(_) => 7,
+            OpenStoreError::AlreadyExists(_) => 2,
+            _ => 1,
+        };
+        Fail {
+            code,
+            msg: e.to_string(),
+        }
+    }
+}
+
+fn fail(code: i32, msg: impl Into<String>) -> Fail {
+    Fail {
+        code,
+        msg: msg.into(),
+    }
+}
+
+fn default_profile() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("coterie").join("default")
+}
+
+fn passphrase(confirm: bool) -> Result<zeroize::Zeroizing<String>, Fail> {
+    if let Ok(p) = std::env::var("COTERIE_PASSPHRASE") {
+        return Ok(zeroize::Zeroizing::new(p));
+    }
+    let first = rpassword::prompt_password("Passphrase: ").map_err(|_| {
+        fail(
+            2,
+            "no passphrase: set COTERIE_PASSPHRASE or run in a terminal",
+        )
+    })?;
+    let first = zeroize::Zeroizing::new(first);
+    if confirm {
+        let again = zeroize::Zeroizing::new(
+            rpassword::prompt_password("Repeat passphrase: ")
+                .map_err(|e| fail(2, e.to_string()))?,
+        );
+        if *again != *first {
+            return Err(fail(2, "the passphrases differ; try again"));
+        }
+    }
+    Ok(first)
+}
+
+fn open(dir: &Path) -> Result<Store, Fail> {
+    if !Store::exists(dir) {
+        return Err(OpenStoreError::NoProfile(dir.to_path_buf()).into());
+    }
+    let pw = passphrase(false)?;
+    Ok(Store::open(dir, &pw)?)
+}
+
+/// Runs `req` on the node if one runs, else `offline` on the store. A node
+/// that is still starting (store locked, control socket not yet up) is
+/// waited for, up to 20 seconds.
+fn via_node_or_store<T: serde::de::DeserializeOwned>(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    req: &Request,
+    offline: impl Fn(&Store) -> Result<T, Fail>,
+) -> Result<T, Fail> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut pw: Option<zeroize::Zeroizing<String>> = None;
+    loop {
+        if let Some(v) = ask_node(rt, dir, req)? {
+            return from_value(v);
+        }
+        if !Store::exists(dir) {
+            return Err(OpenStoreError::NoProfile(dir.to_path_buf()).into());
+        }
+        if pw.is_none() {
+            pw = Some(passphrase(false)?);
+        }
+        let pass = pw.as_ref().map(|p| p.as_str()).unwrap_or_default();
+        match Store::open(dir, pass) {
+            Ok(s) => return offline(&s),
+            Err(OpenStoreError::InUse(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    fn json<T: Serialize>(&self, v: &T) {
+        println!("{}", serde_json::to_string(v).unwrap_or_default());
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Fail> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(1, format!("cannot start the runtime: {e}")))
+}
+
+/// Asks the running node; `Ok(None)` when no node runs.
+fn ask_node(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    req: &Request,
+) -> Result<Option<serde_json::Value>, Fail> {
+    match rt.block_on(control::request(dir, req)) {
+        Ok(Response { ok: true, data, .. }) => Ok(Some(data.unwrap_or(serde_json::Value::Null))),
+        Ok(Response { error, code, .. }) => Err(fail(code, error.unwrap_or_default())),
+        Err(ControlError::NotRunning) => Ok(None),
+        Err(e) => Err(fail(
+            7,
+            format!(
+                "{e}; if no node is running, remove {}",
+                dir.join(control::SOCKET_NAME).display()
+            ),
+        )),
+    }
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, Fail> {
+    serde_json::from_value(v).map_err(|e| fail(1, format!("unexpected answer from the node: {e}")))
+}
+
+fn fmt_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (d, r) = (secs / 86400, secs % 86400);
+    // Days since epoch to a civil date (Howard Hinnant's algorithm).
+    let z = d as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}",
+        r / 3600,
+        (r % 3600) / 60
+    )
+}
+
+pub(crate) fn main() -> i32 {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COTERIE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let out = Out { json: cli.json };
+    let dir = cli.profile.clone().unwrap_or_else(default_profile);
+    match run(cli.cmd, &dir, &out) {
+        Ok(()) => 0,
+        Err(f) => {
+            if out.json {
+                out.json(&serde_json::json!({"ok": false, "error": f.msg, "code": f.code}));
+            } else {
+                eprintln!("coterie: {}", f.msg);
+            }
+            f.code
+        }
+    }
+}
+
+fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
+    match cmd {
+        Cmd::Init { name } => {
+            if !valid_name(&name) {
+                return Err(fail(
+                    2,
+                    "--name must be 1-64 characters without control characters, @, /, quotes, <, > or &",
+                ));
+            }
+            if Store::exists(dir) {
+                return Err(OpenStoreError::AlreadyExists(dir.to_path_buf()).into());
+            }
+            let pw = passphrase(true)?;
+            if pw.chars().count() < 8 {
+                return Err(fail(
+                    2,
+                    "the passphrase must have at least 8 characters (a few random words are best)",
+                ));
+            }
+            let p = Profile {
+                name,
+                seed: rand::random(),
+                created: ops::now_secs(),
+                retention_days: store::DEFAULT_RETENTION_DAYS,
+                last_addrs: vec![],
+            };
+            let s = Store::create(dir, &pw, &p, KdfParams::recommended())?;
+            let id = ops::id(&s)?;
+            if out.json {
+                out.json(&serde_json::json!({"ok": true, "profile": dir, "id": id}));
+            } else {
+                println!("Created profile in {}", dir.display());
+                println!("Address:     {}", id.jid);
+                println!("Fingerprint: {}", id.fingerprint);
+            }
+            Ok(())
+        }
+        Cmd::Id => {
+            let rt = runtime()?;
+            let id: ops::IdView = via_node_or_store(&rt, dir, &Request::Id, |s| Ok(ops::id(s)?))?;
+            if out.json {
+                out.json(&id);
+            } else {
+                println!("{}\nfingerprint: {}", id.jid, id.fingerprint);
+            }
+            Ok(())
+        }
+        Cmd::Invite { ttl } => {
+            let rt = runtime()?;
+            let uri: String = via_node_or_store(
+                &rt,
+                dir,
+                &Request::Invite { ttl: ttl.clone() },
+                |s| {
+                    let addrs: Vec<PeerAddr> = s
+                        .profile()
+                        .map_err(OpError::from)?
+                        .last_addrs
+                        .iter()
+                        .filter_map(|a| a.parse().ok())
+                        .collect();
+                    if addrs.is_empty() && !out.json {
+                        eprintln!(
+                            "note: no node has run on this profile yet, so the invite carries no address; start `coterie run` and make the invite then"
+                        );
+                    }
+                    Ok(ops::invite(s, &ttl, &addrs, ops::now_secs())?)
+                },
+            )?;
+            if out.json {
+                out.json(&serde_json::json!({"invite": uri}));
+            } else {
+                println!("{uri}");
+            }
+            Ok(())
+        }
+        Cmd::Add { uri, name } => {
+            let rt = runtime()?;
+            let c: ops::ContactView = via_node_or_store(
+                &rt,
+                dir,
+                &Request::Add {
+                    uri: uri.clone(),
+                    name: name.clone(),
+                },
+                |s| Ok(ops::add(s, &uri, name.as_deref(), ops::now_secs())?),
+            )?;
+            if out.json {
+                out.json(&c);
+            } else {
+                println!(
+                    "Added {} ({}). Fingerprint: {}",
+                    c.name, c.state, c.fingerprint
+                );
+                println!("Compare the fingerprint with them over a channel you trust.");
+            }
+            Ok(())
+        }
+        Cmd::Contacts => {
+            let rt = runtime()?;
+            let list: Vec<ops::ContactView> =
+                via_node_or_store(&rt, dir, &Request::Contacts, |s| {
+                    let mut v = Vec::new();
+                    for c in s.contacts().map_err(OpError::from)? {
+                        v.push(ops::view(s, &c, None)?);
+                    }
+                    Ok(v)
+                })?;
+            for c in &list {
+                if out.json {
+                    out.json(c);
+                } else {
+                    let seen = c
+                        .last_seen
+                        .map(|t| format!(", last seen {}", fmt_time(t * 1000)))
+                        .unwrap_or_default();
+                    let via = c
+                        .transport
+                        .as_ref()
+                        .map(|t| format!(" via {t}"))
+                        .unwrap_or_default();
+                    println!(
+                        "{:<20} {:<10}{via}{seen}  [{}]  queued {}",
+                        c.name,
+                        c.state,
+                        &c.fingerprint[..19],
+                        c.queued
+                    );
+                }
+            }
+            if list.is_empty() && !out.json {
+                println!(
+                    "No contacts yet: `coterie invite` makes a link to give someone; `coterie add LINK` uses theirs."
+                );
+            }
+            Ok(())
+        }
+        Cmd::Send { contact, text } => {
+            let rt = runtime()?;
+            let m: ops::MessageView = via_node_or_store(
+                &rt,
+                dir,
+                &Request::Send {
+                    contact: contact.clone(),
+                    text: text.clone(),
+                },
+                |s| Ok(ops::send(s, &contact, &text, ops::now_ms())?.1),
+            )?;
+            if out.json {
+                out.json(&m);
+            } else {
+                println!("{} (#{})", m.state, m.seq);
+            }
+            Ok(())
+        }
+        Cmd::History { contact, limit } => {
+            let rt = runtime()?;
+            let list: Vec<ops::MessageView> = via_node_or_store(
+                &rt,
+                dir,
+                &Request::History {
+                    contact: contact.clone(),
+                    limit,
+                },
+                |s| Ok(ops::history(s, &contact, limit)?),
+            )?;
+            for m in &list {
+                if out.json {
+                    out.json(m);
+                } else {
+                    let arrow = if m.dir == "out" { "→" } else { "←" };
+                    println!("{} {arrow} {:<9} {}", fmt_time(m.ts), m.state, m.body);
+                }
+            }
+            Ok(())
+        }
+        Cmd::Status => {
+            let rt = runtime()?;
+            let status: control::StatusView = via_node_or_store(&rt, dir, &Request::Status, |s| {
+                let mut queued = 0;
+                let contacts = s.contacts().map_err(OpError::from)?;
+                for c in &contacts {
+                    queued += s.outbox_len(c.id).map_err(OpError::from)?;
+                }
+                Ok(control::StatusView {
+                    running: false,
+                    listening: vec![],
+                    peers: vec![],
+                    contacts: contacts.len(),
+                    queued,
+                    uptime_secs: 0,
+                })
+            })?;
+            match status {
+                s if s.running => {
+                    if out.json {
+                        out.json(&s);
+                    } else {
+                        println!(
+                            "node running for {}s; listening on {}",
+                            s.uptime_secs,
+                            s.listening.join(", ")
+                        );
+                        println!(
+                            "{} contacts, {} connected, {} stanzas queued",
+                            s.contacts,
+                            s.peers.len(),
+                            s.queued
+                        );
+                        for p in &s.peers {
+                            println!("  {} via {} for {}s", p.name, p.transport, p.since_secs);
+                        }
+                    }
+                }
+                v => {
+                    if out.json {
+                        out.json(&v);
+                    } else {
+                        println!(
+                            "no node running; {} contacts, {} stanzas queued (start one with `coterie run`)",
+                            v.contacts, v.queued
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Stop => {
+            let rt = runtime()?;
+            match ask_node(&rt, dir, &Request::Stop)? {
+                Some(_) => {
+                    if out.json {
+                        out.json(&serde_json::json!({"ok": true}));
+                    }
+                    Ok(())
+                }
+                None => Err(fail(7, "no node is running on this profile")),
+            }
+        }
+        Cmd::Run { listen, advertise } => run_node(dir, listen, advertise, out),
+        Cmd::Wipe { yes } => {
+            if !Store::exists(dir) {
+                return Err(OpenStoreError::NoProfile(dir.to_path_buf()).into());
+            }
+            let rt = runtime()?;
+            if ask_node(&rt, dir, &Request::Status)?.is_some() {
+                return Err(fail(
+                    7,
+                    "a node is running on this profile: stop it first (`coterie stop`)",
+                ));
+            }
+            if !yes {
+                eprint!(
+                    "This destroys {} and every message and contact in it, irrecoverably. Type `wipe` to confirm: ",
+                    dir.display()
+                );
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .map_err(|e| fail(2, e.to_string()))?;
+                if line.trim() != "wipe" {
+                    return Err(fail(2, "not confirmed; nothing was deleted"));
+                }
+            }
+            store::wipe(dir)
+                .map_err(|e| fail(1, format!("wipe of {} failed: {e}", dir.display())))?;
+            if out.json {
+                out.json(&serde_json::json!({"ok": true, "wiped": dir}));
+            } else {
+                println!("Profile wiped.");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run_node(
+    dir: &Path,
+    mut listen: Vec<SocketAddr>,
+    advertise: Vec<String>,
+    out: &Out,
+) -> Result<(), Fail> {
+    if listen.is_empty() {
+        listen.push(SocketAddr::from(([127, 0, 0, 1], 7474)));
+    }
+    let advertise: Vec<PeerAddr> = advertise
+        .iter()
+        .map(|a| {
+            a.parse().map_err(|_| {
+                fail(
+                    2,
+                    format!("--advertise `{a}` is not tcp:IP:PORT or quic:IP:PORT"),
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if advertise.is_empty() && listen.iter().any(|a| a.ip().is_unspecified()) {
+        return Err(fail(
+            2,
+            "listening on an unspecified address (0.0.0.0 or ::) needs --advertise with the address contacts should dial",
+        ));
+    }
+    let store = open(dir)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let cfg = NodeConfig { listen, advertise, control_socket: true, ..Default::default() };
+        let mut node = Node::start(store, cfg).await.map_err(|e| {
+            let code = match e {
+                coterie_node::runtime::StartError::Bind { .. } => 8,
+                coterie_node::runtime::StartError::Control { .. } => 7,
+                _ => 1,
+            };
+            fail(code, e.to_string())
+        })?;
+        let addrs: Vec<String> = node.advertised().iter().map(|a| a.to_string()).collect();
+        if out.json {
+            out.json(&serde_json::json!({"event": "started", "listening": addrs}));
+        } else {
+            println!("Coterie node running; contacts can reach it at {}. Ctrl-C stops it.", addrs.join(", "));
+        }
+        let signal = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        };
+        node.wait(signal).await;
+        node.shutdown().await;
+        if out.json {
+            out.json(&serde_json::json!({"event": "stopped"}));
+        }
+        Ok(())
+    })
+}
