@@ -483,6 +483,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                     contacts: contacts.len(),
                     queued,
                     uptime_secs: 0,
+                    stats: Default::default(),
                 })
             })?;
             match status {

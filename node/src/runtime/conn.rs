@@ -9,6 +9,8 @@
 //!                    ◀── status:u8        (mode 2 only; 0 = accepted)
 //! ```
 //!
+//! Both the preface and the answer are zero-padded to 256 bytes.
+//!
 //! It is fixed-size binary on purpose: a key admitted only because an invite
 //! is open gets no further than these bytes unless its proof verifies, so
 //! nothing from a stranger ever reaches the XML parser.
@@ -28,6 +30,9 @@ use crate::store::{Contact, ContactState, RedeemError};
 use crate::stream::session::{Event, Params, Role, Session};
 
 const MAGIC: &[u8; 4] = b"CTR1";
+/// The preface and the redemption answer are padded to this size, like every
+/// other write on the wire (see `stream::padding`).
+const PREFACE_LEN: usize = 256;
 const MODE_SESSION: u8 = 1;
 const MODE_REDEEM: u8 = 2;
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,23 +91,30 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Auth
 
 async fn inbound(shared: Arc<Shared>, mut a: Authenticated) -> Result<(), String> {
     let peer = a.peer;
-    let mut head = [0u8; 5];
-    tokio::time::timeout(PREFACE_TIMEOUT, a.io.read_exact(&mut head))
+    let reject = |why: &str| {
+        shared
+            .stats
+            .prefaces_rejected
+            .fetch_add(1, Ordering::Relaxed);
+        why.to_string()
+    };
+    let mut pre = [0u8; PREFACE_LEN];
+    tokio::time::timeout(PREFACE_TIMEOUT, a.io.read_exact(&mut pre))
         .await
-        .map_err(|_| "preface timed out")?
-        .map_err(|e| e.to_string())?;
-    if &head[..4] != MAGIC {
-        return Err("bad preface".into());
+        .map_err(|_| reject("preface timed out"))?
+        .map_err(|e| reject(&e.to_string()))?;
+    if &pre[..4] != MAGIC {
+        return Err(reject("bad preface"));
     }
     let known = shared
         .contacts
         .read()
         .ok()
         .and_then(|c| c.get(&peer).copied());
-    let contact = match head[4] {
+    let contact = match pre[4] {
         MODE_SESSION => {
             let Some(id) = known else {
-                return Err("session from a non-contact".into());
+                return Err(reject("session from a non-contact"));
             };
             let c = db(&shared.store, move |s| s.contact(id))
                 .await
@@ -110,31 +122,29 @@ async fn inbound(shared: Arc<Shared>, mut a: Authenticated) -> Result<(), String
                 .map_err(|e| e.to_string())?;
             match c {
                 Some(c) if c.state == ContactState::Active => c.id,
-                _ => return Err("session from a contact that is not active".into()),
+                _ => return Err(reject("session from a contact that is not active")),
             }
         }
-        MODE_REDEEM => redeem_inbound(&shared, &mut a).await?,
-        _ => return Err("unknown preface mode".into()),
+        MODE_REDEEM => redeem_inbound(&shared, &mut a, &pre)
+            .await
+            .map_err(|e| reject(&e))?,
+        _ => return Err(reject("unknown preface mode")),
     };
     run_session(shared, a, Role::Responder, peer, contact).await;
     Ok(())
 }
 
-async fn redeem_inbound(shared: &Arc<Shared>, a: &mut Authenticated) -> Result<u64, String> {
-    let mut fixed = [0u8; 16 + 32 + 1];
-    tokio::time::timeout(PREFACE_TIMEOUT, a.io.read_exact(&mut fixed))
-        .await
-        .map_err(|_| "redeem timed out")?
-        .map_err(|e| e.to_string())?;
+async fn redeem_inbound(
+    shared: &Arc<Shared>,
+    a: &mut Authenticated,
+    pre: &[u8; PREFACE_LEN],
+) -> Result<u64, String> {
+    let fixed = &pre[5..5 + 49];
     let n = fixed[48] as usize;
     if n == 0 || n > 64 {
         return Err("bad name length".into());
     }
-    let mut name = vec![0u8; n];
-    tokio::time::timeout(PREFACE_TIMEOUT, a.io.read_exact(&mut name))
-        .await
-        .map_err(|_| "redeem timed out")?
-        .map_err(|e| e.to_string())?;
+    let name = pre[54..54 + n].to_vec();
     let name = String::from_utf8(name)
         .ok()
         .filter(|n| valid_name(n))
@@ -170,7 +180,9 @@ async fn redeem_inbound(shared: &Arc<Shared>, a: &mut Authenticated) -> Result<u
         Ok(_) => 0,
         Err(e) => status_of(e),
     };
-    a.io.write_all(&[status]).await.map_err(|e| e.to_string())?;
+    let mut answer = [0u8; PREFACE_LEN];
+    answer[0] = status;
+    a.io.write_all(&answer).await.map_err(|e| e.to_string())?;
     a.io.flush().await.map_err(|e| e.to_string())?;
     shared.refresh_policy().await;
     match res {
@@ -293,16 +305,17 @@ async fn dial_once(shared: &Arc<Shared>, c: &Contact, addrs: &[PeerAddr]) -> Res
                             .await
                             .map_err(|e| e.to_string())?
                             .map_err(|e| e.to_string())?;
-                        let mut pre = Vec::with_capacity(5 + 49 + name.len());
+                        let mut pre = Vec::with_capacity(PREFACE_LEN);
                         pre.extend_from_slice(MAGIC);
                         pre.push(MODE_REDEEM);
                         pre.extend_from_slice(invite_id);
                         pre.extend_from_slice(&proof);
                         pre.push(name.len() as u8);
                         pre.extend_from_slice(name.as_bytes());
+                        pre.resize(PREFACE_LEN, 0);
                         a.io.write_all(&pre).await.map_err(|e| e.to_string())?;
                         a.io.flush().await.map_err(|e| e.to_string())?;
-                        let mut st = [0u8; 1];
+                        let mut st = [0u8; PREFACE_LEN];
                         let read = tokio::time::timeout(PREFACE_TIMEOUT, a.io.read_exact(&mut st))
                             .await
                             .map_err(|_| "no answer to the invite")?;
@@ -347,6 +360,7 @@ async fn dial_once(shared: &Arc<Shared>, c: &Contact, addrs: &[PeerAddr]) -> Res
                     ContactState::Active => {
                         let mut pre = MAGIC.to_vec();
                         pre.push(MODE_SESSION);
+                        pre.resize(PREFACE_LEN, 0);
                         a.io.write_all(&pre).await.map_err(|e| e.to_string())?;
                     }
                     ContactState::Refused { .. } => return Err("invite was refused".into()),
@@ -544,6 +558,7 @@ async fn session_loop(
                     return Err("connection closed by peer".into());
                 }
                 last_rx = Instant::now();
+                shared.stats.xml_bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                 let events = session.handle_input(&buf[..n], last_rx);
                 for ev in events {
                     handle_event(shared, &mut session, contact, conn_id, &mut sent_upto, ev).await?;
@@ -597,6 +612,7 @@ async fn handle_event(
                     e.resumed = true;
                 }
             }
+            shared.stats.sessions.fetch_add(1, Ordering::Relaxed);
             tracing::info!("session resumed");
             let addrs: Vec<String> = shared
                 .advertised
@@ -653,6 +669,7 @@ async fn handle_event(
         Event::Closed => return Err("peer closed the stream".into()),
         Event::PeerError(cond) => return Err(format!("peer sent stream error {cond}")),
         Event::Fault(f) => {
+            shared.stats.stream_faults.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("closing stream after bad input from peer: {}", f.detail);
         }
     }

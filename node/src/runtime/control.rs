@@ -117,6 +117,24 @@ pub struct StatusView {
     pub queued: u64,
     /// Seconds since start.
     pub uptime_secs: u64,
+    /// Counters.
+    #[serde(default)]
+    pub stats: StatsView,
+}
+
+/// Counters since start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatsView {
+    /// TLS handshakes refused because the client key is not admitted.
+    pub tls_refused: u64,
+    /// Connections closed at the preface.
+    pub prefaces_rejected: u64,
+    /// Bytes handed to the XML parser.
+    pub xml_bytes_in: u64,
+    /// Streams closed because of bad input.
+    pub stream_faults: u64,
+    /// Sessions resumed.
+    pub sessions: u64,
 }
 
 /// Binds the control socket, replacing a stale one.
@@ -288,6 +306,17 @@ pub(crate) fn status(shared: &Arc<Shared>) -> StatusView {
         contacts: names.len(),
         queued,
         uptime_secs: shared.started.elapsed().as_secs(),
+        stats: {
+            let st = &shared.stats;
+            let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            StatsView {
+                tls_refused: g(&st.tls_refused),
+                prefaces_rejected: g(&st.prefaces_rejected),
+                xml_bytes_in: g(&st.xml_bytes_in),
+                stream_faults: g(&st.stream_faults),
+                sessions: g(&st.sessions),
+            }
+        },
     }
 }
 

@@ -86,6 +86,21 @@ pub(crate) struct ConnEntry {
     pub(crate) resumed: bool,
 }
 
+/// Counters a test or an operator can read through `status`.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    /// TLS handshakes refused because the client key is not admitted.
+    pub(crate) tls_refused: AtomicU64,
+    /// Connections closed at the preface (bad magic, non-contact, bad proof).
+    pub(crate) prefaces_rejected: AtomicU64,
+    /// Bytes handed to the XML parser, all sessions.
+    pub(crate) xml_bytes_in: AtomicU64,
+    /// Streams closed because of bad input.
+    pub(crate) stream_faults: AtomicU64,
+    /// Sessions resumed.
+    pub(crate) sessions: AtomicU64,
+}
+
 /// State shared by the node's tasks.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -103,6 +118,7 @@ pub(crate) struct Shared {
     pub(crate) next_conn: AtomicU64,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) started: Instant,
+    pub(crate) stats: Stats,
 }
 
 #[derive(Debug)]
@@ -236,6 +252,7 @@ impl Node {
             next_conn: AtomicU64::new(1),
             shutdown,
             started: Instant::now(),
+            stats: Stats::default(),
         });
         shared.refresh_policy().await;
         let policy: Arc<dyn PeerPolicy> = Arc::new(Policy(Arc::downgrade(&shared)));
