@@ -1,1 +1,387 @@
+//! Harness for Coterie's integration suites: real `coterie` processes on
+//! 127.0.0.1, driven through their CLI and control socket, plus a raw peer
+//! that speaks the wire protocol by hand (for hostile-input tests).
+//!
+//! Everything binds to loopback only. Every process a test starts is killed
+//! when its handle drops, also on panic.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod raw;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// The passphrase every test profile uses.
+pub const PASSPHRASE: &str = "test passphrase for coterie";
+
+/// Path of the `coterie` binary, built once per test process.
+pub fn coterie_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "coterie-node", "--bin", "coterie"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cannot run cargo to build the coterie binary");
+        assert!(status.success(), "building the coterie binary failed");
+        // target/<profile>/deps/<test> → target/<profile>/coterie
+        let exe = std::env::current_exe().expect("current exe");
+        let bin = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .expect("target dir")
+            .join("coterie");
+        assert!(
+            bin.exists(),
+            "coterie binary not found at {}",
+            bin.display()
+        );
+        bin
+    })
+}
+
+/// A free port on 127.0.0.1 for both TCP and UDP (QUIC).
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let t = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = t.local_addr().expect("addr").port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port found on 127.0.0.1");
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A `coterie` profile and, when started, its node process.
+#[derive(Debug)]
+pub struct NodeProc {
+    /// Display name.
+    pub name: String,
+    /// Profile directory.
+    pub dir: PathBuf,
+    /// The port it listens on (TCP and QUIC).
+    pub port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+/// What a CLI call returned.
+#[derive(Debug)]
+pub struct CliOut {
+    /// Exit code.
+    pub code: i32,
+    /// Stdout lines parsed as JSON (`--json` output).
+    pub json: Vec<Value>,
+    /// Raw stderr.
+    pub stderr: String,
+}
+
+impl NodeProc {
+    /// Creates a profile named `name` under `root`.
+    pub fn init(root: &Path, name: &str) -> NodeProc {
+        let dir = root.join(name);
+        let n = NodeProc {
+            name: name.into(),
+            log: root.join(format!("{name}.log")),
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        let out = n.cli(&["init", "--name", name]);
+        assert_eq!(out.code, 0, "init failed: {}", out.stderr);
+        n
+    }
+
+    /// A handle on a profile directory without creating it.
+    pub fn detached(name: &str, dir: PathBuf) -> NodeProc {
+        NodeProc {
+            name: name.into(),
+            log: dir.with_extension("log"),
+            dir,
+            port: free_port(),
+            child: None,
+        }
+    }
+
+    /// Runs a CLI command on this profile with `--json`.
+    pub fn cli(&self, args: &[&str]) -> CliOut {
+        let out = Command::new(coterie_bin())
+            .arg("--profile")
+            .arg(&self.dir)
+            .arg("--json")
+            .args(args)
+            .env("COTERIE_PASSPHRASE", PASSPHRASE)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run coterie");
+        let json = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("non-JSON output {l:?}: {e}"))
+            })
+            .collect();
+        CliOut {
+            code: out.status.code().unwrap_or(-1),
+            json,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Starts `coterie run` and waits until it listens.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let mut child = Command::new(coterie_bin())
+            .arg("--profile")
+            .arg(&self.dir)
+            .arg("--json")
+            .args(["run", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .env("COTERIE_PASSPHRASE", PASSPHRASE)
+            .env(
+                "COTERIE_LOG",
+                std::env::var("COTERIE_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn coterie run");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        assert!(
+            first.contains("\"started\""),
+            "{} did not start: {first:?}; log: {}",
+            self.name,
+            self.log_text()
+        );
+        // Keep draining stdout so the node never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.child = Some(child);
+    }
+
+    /// Whether the process is running.
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the node cleanly (control socket `stop`), then waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = self.control(&json!({"cmd": "stop"}));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// One control-socket request; returns the `data` of a successful answer.
+    pub fn control(&self, req: &Value) -> Result<Value, String> {
+        let mut c = self.control_conn()?;
+        c.call(req)
+    }
+
+    /// A persistent control connection (for bursts).
+    pub fn control_conn(&self) -> Result<Control, String> {
+        let s = UnixStream::connect(self.dir.join("control.sock")).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        let r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+        Ok(Control { w: s, r })
+    }
+
+    /// The node's status (requires a running node).
+    pub fn status(&self) -> Value {
+        self.control(&json!({"cmd": "status"})).expect("status")
+    }
+
+    /// An invite from the running node.
+    pub fn invite(&self) -> String {
+        self.control(&json!({"cmd": "invite", "ttl": "1h"}))
+            .expect("invite")
+            .as_str()
+            .expect("string")
+            .to_string()
+    }
+
+    /// Adds a contact from `uri` under `name`.
+    pub fn add(&self, uri: &str, name: &str) {
+        self.control(&json!({"cmd": "add", "uri": uri, "name": name}))
+            .expect("add");
+    }
+
+    /// Sends `text` to `contact`.
+    pub fn send(&self, contact: &str, text: &str) -> Value {
+        self.control(&json!({"cmd": "send", "contact": contact, "text": text}))
+            .expect("send")
+    }
+
+    /// History with `contact` (latest `limit`).
+    pub fn history(&self, contact: &str, limit: usize) -> Vec<Value> {
+        match self.control(&json!({"cmd": "history", "contact": contact, "limit": limit})) {
+            Ok(v) => v.as_array().cloned().unwrap_or_default(),
+            Err(e) => panic!("history from {}: {e}", self.name),
+        }
+    }
+
+    /// Whether `contact` has a live, resumed session.
+    pub fn connected_to(&self, contact: &str) -> bool {
+        let Ok(v) = self.control(&json!({"cmd": "contacts"})) else {
+            return false;
+        };
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .any(|c| c["name"] == contact && c["state"] == "connected")
+            })
+            .unwrap_or(false)
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A control-socket connection.
+#[derive(Debug)]
+pub struct Control {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Control {
+    /// Sends a request and reads the answer.
+    pub fn call(&mut self, req: &Value) -> Result<Value, String> {
+        let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        self.w.write_all(&line).map_err(|e| e.to_string())?;
+        let mut resp = String::new();
+        self.r.read_line(&mut resp).map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&resp).map_err(|e| format!("{e}: {resp:?}"))?;
+        if v["ok"] == true {
+            Ok(v.get("data").cloned().unwrap_or(Value::Null))
+        } else {
+            Err(v["error"].as_str().unwrap_or("unknown error").to_string())
+        }
+    }
+}
+
+/// Introduces `a` and `b` (both running): `a` invites, `b` adds, and waits
+/// until both see a live session. `b` calls `a` by `a.name`, and vice versa.
+pub fn introduce(a: &NodeProc, b: &NodeProc) {
+    let uri = a.invite();
+    b.add(&uri, &a.name);
+    wait_for(
+        &format!("{} and {} to connect", a.name, b.name),
+        Duration::from_secs(20),
+        || {
+            // The inviter names the new contact by the name the invitee sent.
+            (a.connected_to(&b.name) && b.connected_to(&a.name)).then_some(())
+        },
+    );
+}
+
+/// Texts and states of the history with `contact`, oldest first.
+pub fn texts(n: &NodeProc, contact: &str) -> Vec<(String, String, String)> {
+    n.history(contact, 10_000)
+        .into_iter()
+        .map(|m| {
+            (
+                m["dir"].as_str().unwrap_or_default().to_string(),
+                m["body"].as_str().unwrap_or_default().to_string(),
+                m["state"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Asserts no file under `dir` contains any of `needles`.
+pub fn assert_no_plaintext(dir: &Path, needles: &[&[u8]]) {
+    for f in files_under(dir) {
+        let Ok(bytes) = std::fs::read(&f) else {
+            continue;
+        };
+        for n in needles {
+            assert!(
+                !bytes.windows(n.len()).any(|w| w == *n),
+                "{} contains {:?} in plaintext",
+                f.display(),
+                String::from_utf8_lossy(n)
+            );
+        }
+    }
+}
