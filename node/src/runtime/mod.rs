@@ -134,7 +134,11 @@ impl PeerPolicy for Policy {
             .read()
             .map(|c| c.contains_key(peer))
             .unwrap_or(false);
-        known || s.open_invites.load(Ordering::SeqCst)
+        let ok = known || s.open_invites.load(Ordering::SeqCst);
+        if !ok {
+            s.stats.tls_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
     }
 }
 

@@ -1,0 +1,115 @@
+//! Who may talk to a node: an unknown key is refused inside the TLS
+//! handshake on TCP and on QUIC, and not one byte from it reaches the XML
+//! parser. With an invite open, a stranger gets through TLS but no further
+//! than the fixed-size preface unless it proves the invite secret.
+
+use std::time::Duration;
+
+use coterie_tests::raw::RawPeer;
+use coterie_tests::{NodeProc, introduce, wait_for};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use transport::{PeerAddr, PeerId};
+
+fn stat(n: &NodeProc, k: &str) -> u64 {
+    n.status()["stats"][k].as_u64().expect("stat")
+}
+
+fn node_key(n: &NodeProc) -> PeerId {
+    let onion = n.cli(&["id"]).json[0]["onion"].as_str().expect("onion").to_string();
+    PeerId::from_onion(&onion).expect("key")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_key_is_refused_in_the_handshake_on_tcp_and_quic() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut a = NodeProc::init(tmp.path(), "alice");
+    let mut b = NodeProc::init(tmp.path(), "bob");
+    a.start();
+    b.start();
+    introduce(&a, &b);
+    let key = node_key(&a);
+    let xml_before = stat(&a, "xml_bytes_in");
+    let refused_before = stat(&a, "tls_refused");
+    let stranger = RawPeer::new();
+    for addr in [PeerAddr::Tcp(([127, 0, 0, 1], a.port).into()), PeerAddr::Quic(([127, 0, 0, 1], a.port).into())] {
+        match stranger.dial(&addr, key).await {
+            Err(e) => assert!(e.to_string().contains("handshake") || e.to_string().contains("TLS"), "{addr}: {e}"),
+            Ok(mut conn) => {
+                // TLS 1.3: the client finishes before the server judges its key;
+                // the refusal then arrives as an alert on the first read.
+                let _ = conn.io.write_all(b"CTR1\x01").await;
+                let _ = conn.io.write_all(b"<?xml version='1.0'?><stream:stream xmlns='jabber:client'>").await;
+                let mut buf = [0u8; 64];
+                let r = tokio::time::timeout(Duration::from_secs(5), conn.io.read(&mut buf)).await;
+                assert!(!matches!(r, Ok(Ok(n)) if n > 0), "{addr}: the stranger got data back");
+            }
+        }
+    }
+    // Both attempts were refused by the key policy, and nothing reached the parser.
+    wait_for("two refusals counted", Duration::from_secs(5), || (stat(&a, "tls_refused") >= refused_before + 2).then_some(()));
+    assert_eq!(stat(&a, "xml_bytes_in"), xml_before, "bytes from an unknown key reached the XML parser");
+    // The contact is unaffected.
+    b.send("alice", "still here");
+    wait_for("delivery", Duration::from_secs(10), || {
+        coterie_tests::texts(&a, "bob").iter().any(|(_, t, _)| t == "still here").then_some(())
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_open_invite_a_stranger_stops_at_the_preface() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut a = NodeProc::init(tmp.path(), "alice");
+    a.start();
+    let key = node_key(&a);
+    let uri = a.invite();
+    let xml_before = stat(&a, "xml_bytes_in");
+    let stranger = RawPeer::new();
+    let addr = PeerAddr::Tcp(([127, 0, 0, 1], a.port).into());
+
+    // 1. TLS passes (an invite is open) but a session preface from a non-contact is dropped.
+    let mut c = stranger.dial(&addr, key).await.expect("TLS passes while an invite is open");
+    let mut pre = b"CTR1\x01".to_vec();
+    pre.resize(256, 0);
+    c.io.write_all(&pre).await.expect("write");
+    c.io.write_all(b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>").await.expect("write");
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(5), c.io.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "connection should be closed: {r:?}");
+
+    // 2. A redemption with a wrong proof (the secret is not known) is refused.
+    let mut c = stranger.dial(&addr, key).await.expect("dial");
+    let inv = node::invite::Invite::parse(&uri, node::ops::now_secs()).expect("invite");
+    let mut pre = b"CTR1\x02".to_vec();
+    pre.extend_from_slice(&inv.id);
+    pre.extend_from_slice(&[7u8; 32]);
+    pre.push(4);
+    pre.extend_from_slice(b"evil");
+    pre.resize(256, 0);
+    c.io.write_all(&pre).await.expect("write");
+    let mut ans = [0u8; 256];
+    c.io.read_exact(&mut ans).await.expect("answer");
+    assert_eq!(ans[0], 4, "bad proof is answered with status 4");
+
+    // 3. A proof computed for another connection (replayed) is refused too.
+    let (mut first, status) = stranger.redeem(&uri, a.port).await;
+    assert_eq!(status, 0, "the real redemption works");
+    drop(first.a.io.shutdown().await);
+
+    assert_eq!(stat(&a, "xml_bytes_in"), xml_before, "a stranger's bytes reached the XML parser");
+    assert!(stat(&a, "prefaces_rejected") >= 2);
+
+    // 4. The invite is single-use: redeeming it again with another key fails in TLS
+    //    (no invite is open any more) or at the preface.
+    let other = RawPeer::new();
+    match other.dial(&addr, key).await {
+        Err(_) => {}
+        Ok(mut c) => {
+            let mut pre = b"CTR1\x02".to_vec();
+            pre.resize(256, 0);
+            let _ = c.io.write_all(&pre).await;
+            let mut ans = [0u8; 256];
+            let r = tokio::time::timeout(Duration::from_secs(5), c.io.read_exact(&mut ans)).await;
+            assert!(!matches!(r, Ok(Ok(_)) if ans[0] == 0), "a used invite was accepted again");
+        }
+    }
+}
