@@ -295,7 +295,7 @@ pub fn send(
 pub fn history(store: &Store, sel: &str, limit: usize) -> Result<Vec<MessageView>, OpError> {
     let c = find_contact(store, sel)?;
     Ok(store
-        .history(c.id, limit.clamp(1, 10_000))?
+        .history(c.id, limit.clamp(1, 1_000_000))?
         .iter()
         .map(MessageView::from)
         .collect())

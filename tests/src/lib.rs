@@ -152,6 +152,11 @@ impl NodeProc {
 
     /// Starts `coterie run` and waits until it listens.
     pub fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    /// Starts `coterie run` with extra arguments.
+    pub fn start_with(&mut self, extra: &[&str]) {
         assert!(self.child.is_none(), "{} already running", self.name);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -163,6 +168,7 @@ impl NodeProc {
             .arg(&self.dir)
             .arg("--json")
             .args(["run", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(extra)
             .env("COTERIE_PASSPHRASE", PASSPHRASE)
             .env(
                 "COTERIE_LOG",
