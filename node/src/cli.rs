@@ -32,7 +32,7 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -279,7 +279,11 @@ pub(crate) fn main() -> i32 {
         .init();
     let out = Out { json: cli.json };
     let dir = cli.profile.clone().unwrap_or_else(default_profile);
-    match run(cli.cmd, &dir, &out) {
+    let result = match cli.cmd {
+        Some(cmd) => run(cmd, &dir, &out),
+        None => start(&dir, &out),
+    };
+    match result {
         Ok(()) => 0,
         Err(f) => {
             if out.json {
@@ -567,6 +571,25 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
             Ok(())
         }
     }
+}
+
+/// `coterie` with no command: create the profile on first start, then run the node.
+fn start(dir: &Path, out: &Out) -> Result<(), Fail> {
+    if !Store::exists(dir) {
+        let name = match std::env::var("COTERIE_NAME") {
+            Ok(n) => n,
+            Err(_) => {
+                eprint!("No profile yet at {}. Your display name: ", dir.display());
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .map_err(|e| fail(2, e.to_string()))?;
+                line.trim().to_string()
+            }
+        };
+        run(Cmd::Init { name }, dir, out)?;
+    }
+    run_node(dir, Vec::new(), Vec::new(), out)
 }
 
 fn run_node(

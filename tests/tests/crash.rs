@@ -14,7 +14,11 @@ const BURST: usize = 1000;
 fn incoming(n: &NodeProc, contact: &str) -> Vec<String> {
     let out = n.cli(&["history", contact, "--limit", "1000000"]);
     assert_eq!(out.code, 0, "offline history failed: {}", out.stderr);
-    out.json.iter().filter(|m| m["dir"] == "in").map(|m| m["body"].as_str().unwrap_or_default().to_string()).collect()
+    out.json
+        .iter()
+        .filter(|m| m["dir"] == "in")
+        .map(|m| m["body"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 fn acked(n: &NodeProc, contact: &str) -> Vec<String> {
@@ -45,7 +49,8 @@ fn receiver_killed_during_bursts_loses_and_duplicates_nothing() {
         let mut ctl = alice.control_conn().expect("control");
         let sender = std::thread::spawn(move || {
             for b in bodies {
-                ctl.call(&json!({"cmd": "send", "contact": "bob", "text": b})).expect("send");
+                ctl.call(&json!({"cmd": "send", "contact": "bob", "text": b}))
+                    .expect("send");
             }
         });
         std::thread::sleep(kill_after);
@@ -62,14 +67,26 @@ fn receiver_killed_during_bursts_loses_and_duplicates_nothing() {
         let mut dedup = stored.clone();
         dedup.sort();
         dedup.dedup();
-        assert_eq!(dedup.len(), stored.len(), "round {round}: duplicates in Bob's store");
+        assert_eq!(
+            dedup.len(),
+            stored.len(),
+            "round {round}: duplicates in Bob's store"
+        );
         bob.start();
         sender.join().expect("sender");
     }
-    wait_for("every message acknowledged", Duration::from_secs(120), || (acked(&alice, "bob").len() == expected.len()).then_some(()));
+    wait_for(
+        "every message acknowledged",
+        Duration::from_secs(120),
+        || (acked(&alice, "bob").len() == expected.len()).then_some(()),
+    );
     bob.stop();
     let stored = incoming(&bob, "alice");
     assert_eq!(stored.len(), expected.len(), "lost or duplicated messages");
     assert!(stored == expected, "messages out of order");
-    eprintln!("{ROUNDS} kills during {BURST}-message bursts: {} messages exactly once, in order, in {:?}", stored.len(), start.elapsed());
+    eprintln!(
+        "{ROUNDS} kills during {BURST}-message bursts: {} messages exactly once, in order, in {:?}",
+        stored.len(),
+        start.elapsed()
+    );
 }

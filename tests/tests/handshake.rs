@@ -15,7 +15,10 @@ fn stat(n: &NodeProc, k: &str) -> u64 {
 }
 
 fn node_key(n: &NodeProc) -> PeerId {
-    let onion = n.cli(&["id"]).json[0]["onion"].as_str().expect("onion").to_string();
+    let onion = n.cli(&["id"]).json[0]["onion"]
+        .as_str()
+        .expect("onion")
+        .to_string();
     PeerId::from_onion(&onion).expect("key")
 }
 
@@ -31,27 +34,48 @@ async fn unknown_key_is_refused_in_the_handshake_on_tcp_and_quic() {
     let xml_before = stat(&a, "xml_bytes_in");
     let refused_before = stat(&a, "tls_refused");
     let stranger = RawPeer::new();
-    for addr in [PeerAddr::Tcp(([127, 0, 0, 1], a.port).into()), PeerAddr::Quic(([127, 0, 0, 1], a.port).into())] {
+    for addr in [
+        PeerAddr::Tcp(([127, 0, 0, 1], a.port).into()),
+        PeerAddr::Quic(([127, 0, 0, 1], a.port).into()),
+    ] {
         match stranger.dial(&addr, key).await {
-            Err(e) => assert!(e.to_string().contains("handshake") || e.to_string().contains("TLS"), "{addr}: {e}"),
+            Err(e) => assert!(
+                e.to_string().contains("handshake") || e.to_string().contains("TLS"),
+                "{addr}: {e}"
+            ),
             Ok(mut conn) => {
                 // TLS 1.3: the client finishes before the server judges its key;
                 // the refusal then arrives as an alert on the first read.
                 let _ = conn.io.write_all(b"CTR1\x01").await;
-                let _ = conn.io.write_all(b"<?xml version='1.0'?><stream:stream xmlns='jabber:client'>").await;
+                let _ = conn
+                    .io
+                    .write_all(b"<?xml version='1.0'?><stream:stream xmlns='jabber:client'>")
+                    .await;
                 let mut buf = [0u8; 64];
                 let r = tokio::time::timeout(Duration::from_secs(5), conn.io.read(&mut buf)).await;
-                assert!(!matches!(r, Ok(Ok(n)) if n > 0), "{addr}: the stranger got data back");
+                assert!(
+                    !matches!(r, Ok(Ok(n)) if n > 0),
+                    "{addr}: the stranger got data back"
+                );
             }
         }
     }
     // Both attempts were refused by the key policy, and nothing reached the parser.
-    wait_for("two refusals counted", Duration::from_secs(5), || (stat(&a, "tls_refused") >= refused_before + 2).then_some(()));
-    assert_eq!(stat(&a, "xml_bytes_in"), xml_before, "bytes from an unknown key reached the XML parser");
+    wait_for("two refusals counted", Duration::from_secs(5), || {
+        (stat(&a, "tls_refused") >= refused_before + 2).then_some(())
+    });
+    assert_eq!(
+        stat(&a, "xml_bytes_in"),
+        xml_before,
+        "bytes from an unknown key reached the XML parser"
+    );
     // The contact is unaffected.
     b.send("alice", "still here");
     wait_for("delivery", Duration::from_secs(10), || {
-        coterie_tests::texts(&a, "bob").iter().any(|(_, t, _)| t == "still here").then_some(())
+        coterie_tests::texts(&a, "bob")
+            .iter()
+            .any(|(_, t, _)| t == "still here")
+            .then_some(())
     });
 }
 
@@ -67,14 +91,20 @@ async fn with_an_open_invite_a_stranger_stops_at_the_preface() {
     let addr = PeerAddr::Tcp(([127, 0, 0, 1], a.port).into());
 
     // 1. TLS passes (an invite is open) but a session preface from a non-contact is dropped.
-    let mut c = stranger.dial(&addr, key).await.expect("TLS passes while an invite is open");
+    let mut c = stranger
+        .dial(&addr, key)
+        .await
+        .expect("TLS passes while an invite is open");
     let mut pre = b"CTR1\x01".to_vec();
     pre.resize(256, 0);
     c.io.write_all(&pre).await.expect("write");
     c.io.write_all(b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>").await.expect("write");
     let mut buf = [0u8; 16];
     let r = tokio::time::timeout(Duration::from_secs(5), c.io.read(&mut buf)).await;
-    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "connection should be closed: {r:?}");
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "connection should be closed: {r:?}"
+    );
 
     // 2. A redemption with a wrong proof (the secret is not known) is refused.
     let mut c = stranger.dial(&addr, key).await.expect("dial");
@@ -95,7 +125,11 @@ async fn with_an_open_invite_a_stranger_stops_at_the_preface() {
     assert_eq!(status, 0, "the real redemption works");
     drop(first.a.io.shutdown().await);
 
-    assert_eq!(stat(&a, "xml_bytes_in"), xml_before, "a stranger's bytes reached the XML parser");
+    assert_eq!(
+        stat(&a, "xml_bytes_in"),
+        xml_before,
+        "a stranger's bytes reached the XML parser"
+    );
     assert!(stat(&a, "prefaces_rejected") >= 2);
 
     // 4. The invite is single-use: redeeming it again with another key fails in TLS
@@ -109,7 +143,10 @@ async fn with_an_open_invite_a_stranger_stops_at_the_preface() {
             let _ = c.io.write_all(&pre).await;
             let mut ans = [0u8; 256];
             let r = tokio::time::timeout(Duration::from_secs(5), c.io.read_exact(&mut ans)).await;
-            assert!(!matches!(r, Ok(Ok(_)) if ans[0] == 0), "a used invite was accepted again");
+            assert!(
+                !matches!(r, Ok(Ok(_)) if ans[0] == 0),
+                "a used invite was accepted again"
+            );
         }
     }
 }

@@ -15,7 +15,11 @@ const BUCKETS: [usize; 4] = [256, 1024, 4096, 16384];
 
 type Records = Arc<Mutex<Vec<(u8, usize)>>>;
 
-async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, records: Records) {
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    records: Records,
+) {
     let mut pending = Vec::new();
     let mut buf = [0u8; 65536];
     loop {
@@ -40,7 +44,9 @@ async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
 
 async fn relay(listen: TcpListener, target: u16, a_to_b: Records, b_to_a: Records) {
     while let Ok((inbound, _)) = listen.accept().await {
-        let Ok(out) = TcpStream::connect(("127.0.0.1", target)).await else { continue };
+        let Ok(out) = TcpStream::connect(("127.0.0.1", target)).await else {
+            continue;
+        };
         let (ir, iw) = inbound.into_split();
         let (or, ow) = out.into_split();
         tokio::spawn(pipe(ir, ow, a_to_b.clone()));
@@ -53,15 +59,29 @@ fn allowed(len: usize) -> bool {
 }
 
 fn check(direction: &str, records: &[(u8, usize)]) {
-    let app: Vec<usize> = records.iter().filter(|(t, _)| *t == 23).map(|(_, l)| *l).collect();
+    let app: Vec<usize> = records
+        .iter()
+        .filter(|(t, _)| *t == 23)
+        .map(|(_, l)| *l)
+        .collect();
     // The encrypted handshake flight (certificate, verify, finished) comes
     // first; after it, only padded units may appear.
     let first_padded = app.iter().position(|l| allowed(*l)).unwrap_or(app.len());
-    assert!(first_padded <= 1, "{direction}: {first_padded} unpadded records before the first padded one: {app:?}");
+    assert!(
+        first_padded <= 1,
+        "{direction}: {first_padded} unpadded records before the first padded one: {app:?}"
+    );
     let rest = &app[first_padded..];
-    assert!(rest.len() >= 10, "{direction}: only {} records seen", rest.len());
+    assert!(
+        rest.len() >= 10,
+        "{direction}: only {} records seen",
+        rest.len()
+    );
     let bad: Vec<usize> = rest.iter().copied().filter(|l| !allowed(*l)).collect();
-    assert!(bad.is_empty(), "{direction}: records outside the buckets: {bad:?} (all: {rest:?})");
+    assert!(
+        bad.is_empty(),
+        "{direction}: records outside the buckets: {bad:?} (all: {rest:?})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +106,13 @@ async fn only_bucket_sized_records_on_the_wire() {
         bob.send("alice", &format!("{i}:{body}"));
     }
     wait_for("all delivered", Duration::from_secs(30), || {
-        let done = |n: &NodeProc, c: &str| texts(n, c).iter().filter(|(d, _, s)| d == "out" && s == "delivered").count() == sizes.len();
+        let done = |n: &NodeProc, c: &str| {
+            texts(n, c)
+                .iter()
+                .filter(|(d, _, s)| d == "out" && s == "delivered")
+                .count()
+                == sizes.len()
+        };
         (done(&alice, "bob") && done(&bob, "alice")).then_some(())
     });
     std::thread::sleep(Duration::from_millis(300));

@@ -653,11 +653,11 @@ async fn handle_event(
             db(
                 &shared.store,
                 move |s| -> Result<(), crate::store::StoreError> {
-                    if let Some(mut c) = s.contact(contact)? {
-                        if c.addrs != valid {
-                            c.addrs = valid;
-                            s.update_contact(&c)?;
-                        }
+                    if let Some(mut c) = s.contact(contact)?
+                        && c.addrs != valid
+                    {
+                        c.addrs = valid;
+                        s.update_contact(&c)?;
                     }
                     Ok(())
                 },

@@ -193,7 +193,7 @@ async fn handle_client(
 async fn dispatch(shared: &Arc<Shared>, req: Request, stop: &watch::Sender<bool>) -> Response {
     let r: Result<serde_json::Value, OpError> = async {
         Ok(match req {
-            Request::Id => json(db(&shared.store, |s| ops::id(s)).await??),
+            Request::Id => json(db(&shared.store, ops::id).await??),
             Request::Invite { ttl } => json(do_invite(shared, &ttl).await?),
             Request::Add { uri, name } => json(do_add(shared, &uri, name.as_deref()).await?),
             Request::Contacts => json(contacts(shared).await?),
