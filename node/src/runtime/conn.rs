@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use transport::{Authenticated, PeerAddr, PeerId};
 
-use super::{ConnEntry, Shared, db};
+use super::{ConnEntry, NodeEvent, Shared, db};
 use crate::invite::{check_proof, redeem_proof, valid_name};
 use crate::store::{Contact, ContactState, RedeemError};
 use crate::stream::session::{Event, Params, Role, Session};
@@ -486,6 +486,9 @@ async fn run_session(
         },
     )
     .await;
+    let _ = shared
+        .events
+        .send(NodeEvent::Connection { contact, up: false });
     // Wake the dialer: the contact may be reachable again soon.
     shared.kick(contact).notify_one();
 }
@@ -537,7 +540,8 @@ async fn session_loop(
     };
     let mut session = Session::new(params, Instant::now());
     let (mut rd, mut wr) = tokio::io::split(a.io);
-    let mut buf = vec![0u8; 32 * 1024];
+    // Large reads mean large batches: one store transaction (one fsync) per read.
+    let mut buf = vec![0u8; 256 * 1024];
     // Our stanzas up to this number have been written on this connection.
     let mut sent_upto: Option<u64> = None;
     let mut last_rx = Instant::now();
@@ -601,10 +605,16 @@ async fn handle_event(
 ) -> Result<(), String> {
     match ev {
         Event::Resumed { peer_h } => {
-            db(&shared.store, move |s| s.ack_outgoing(contact, peer_h))
+            let sent = db(&shared.store, move |s| s.ack_outgoing(contact, peer_h))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
+            for seq in sent {
+                let _ = shared.events.send(NodeEvent::Sent { contact, seq });
+            }
+            let _ = shared
+                .events
+                .send(NodeEvent::Connection { contact, up: true });
             *sent_upto = Some(peer_h);
             {
                 let mut conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
@@ -630,15 +640,24 @@ async fn handle_event(
                 .map_err(|e| e.to_string())?;
             // Durable first, then the ack.
             session.persisted(res.h);
+            for &seq in &res.new_messages {
+                let _ = shared.events.send(NodeEvent::Received { contact, seq });
+            }
+            for &seq in &res.delivered {
+                let _ = shared.events.send(NodeEvent::Delivered { contact, seq });
+            }
             if res.queued_stanzas {
                 send_outbox(shared, session, contact, sent_upto).await?;
             }
         }
         Event::Acked(h) => {
-            db(&shared.store, move |s| s.ack_outgoing(contact, h))
+            let sent = db(&shared.store, move |s| s.ack_outgoing(contact, h))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
+            for seq in sent {
+                let _ = shared.events.send(NodeEvent::Sent { contact, seq });
+            }
         }
         Event::Addresses(addrs) => {
             let valid: Vec<String> = addrs

@@ -86,6 +86,40 @@ pub(crate) struct ConnEntry {
     pub(crate) resumed: bool,
 }
 
+/// Something that happened to a contact's messages. Subscribers (the UI,
+/// benchmarks) get these instead of polling the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// A message from `contact` was stored.
+    Received {
+        /// Local contact id.
+        contact: u64,
+        /// Message seq.
+        seq: u64,
+    },
+    /// The contact's node acknowledged storing our message.
+    Sent {
+        /// Local contact id.
+        contact: u64,
+        /// Message seq.
+        seq: u64,
+    },
+    /// The contact's node sent a receipt for our message.
+    Delivered {
+        /// Local contact id.
+        contact: u64,
+        /// Message seq.
+        seq: u64,
+    },
+    /// A session with the contact was resumed or ended.
+    Connection {
+        /// Local contact id.
+        contact: u64,
+        /// Whether it is up now.
+        up: bool,
+    },
+}
+
 /// Counters a test or an operator can read through `status`.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
@@ -119,6 +153,7 @@ pub(crate) struct Shared {
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) started: Instant,
     pub(crate) stats: Stats,
+    pub(crate) events: tokio::sync::broadcast::Sender<NodeEvent>,
 }
 
 #[derive(Debug)]
@@ -257,6 +292,7 @@ impl Node {
             shutdown,
             started: Instant::now(),
             stats: Stats::default(),
+            events: tokio::sync::broadcast::channel(4096).0,
         });
         shared.refresh_policy().await;
         let policy: Arc<dyn PeerPolicy> = Arc::new(Policy(Arc::downgrade(&shared)));
@@ -353,6 +389,13 @@ impl Node {
             .read()
             .map(|a| a.clone())
             .unwrap_or_default()
+    }
+
+    /// Events about messages and sessions. A slow subscriber misses events
+    /// (`RecvError::Lagged`) rather than slowing the node; the store stays
+    /// the source of truth.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<NodeEvent> {
+        self.shared.events.subscribe()
     }
 
     /// The store.

@@ -236,6 +236,16 @@ impl Store {
 
     /// Opens and unlocks the profile in `dir`.
     pub fn open(dir: &Path, passphrase: &str) -> Result<Store, OpenStoreError> {
+        Self::open_timed(dir, passphrase).map(|(s, _)| s)
+    }
+
+    /// Like [`Store::open`], also reporting how long the database and the
+    /// key derivation took.
+    pub fn open_timed(
+        dir: &Path,
+        passphrase: &str,
+    ) -> Result<(Store, OpenTimings), OpenStoreError> {
+        let t0 = std::time::Instant::now();
         let path = dir.join(STORE_FILE);
         if !path.exists() {
             return Err(OpenStoreError::NoProfile(dir.to_path_buf()));
@@ -259,16 +269,26 @@ impl Store {
                 serde_json::from_slice(&get("kdf")?).map_err(|e| corrupt(dir, e))?;
             (kdf, get("wrapped_key")?)
         };
+        let db_time = t0.elapsed();
+        let t1 = std::time::Instant::now();
         let kek = derive_kek_or(dir, passphrase, &kdf)?;
+        let kdf_time = t1.elapsed();
         let key = DataKey::unwrap_with(&kek, &wrapped).map_err(|e| match e {
             KeyError::WrongPassphrase => OpenStoreError::WrongPassphrase(dir.to_path_buf()),
             KeyError::BadParams => corrupt(dir, e),
         })?;
-        Ok(Store {
+        let store = Store {
             db,
             key,
             dir: dir.to_path_buf(),
-        })
+        };
+        Ok((
+            store,
+            OpenTimings {
+                db: db_time,
+                kdf: kdf_time,
+            },
+        ))
     }
 
     /// The profile directory.
@@ -533,36 +553,52 @@ impl Store {
         body: &str,
         now_ms: u64,
     ) -> Result<Message, StoreError> {
+        let mut v = self.queue_outgoing_many(contact, &[body], now_ms)?;
+        v.pop()
+            .ok_or_else(|| StoreError::new("queue message", "nothing queued"))
+    }
+
+    /// Stores several outgoing messages and queues their stanzas in one
+    /// transaction (one disk sync), in order.
+    pub fn queue_outgoing_many(
+        &self,
+        contact: u64,
+        bodies: &[&str],
+        now_ms: u64,
+    ) -> Result<Vec<Message>, StoreError> {
         let tx = self.db.begin_write().ctx("write")?;
-        let msg;
+        let mut out = Vec::with_capacity(bodies.len());
         {
             let mut peers = tx.open_table(PEERS).ctx("open peers")?;
             let mut st = self.peer_state_in(&peers, contact)?;
-            let seq = st.next_seq.max(1);
-            st.next_seq = seq + 1;
-            st.out_last += 1;
-            let nonce: u32 = rand::random();
-            msg = Message {
-                seq,
-                dir: Direction::Out,
-                body: body.to_string(),
-                ts: now_ms,
-                state: Delivery::Queued,
-                stanza_id: format!("m{seq}.{nonce:08x}"),
-            };
             let mut mt = tx.open_table(MESSAGES).ctx("open messages")?;
-            self.put_message(&mut mt, contact, &msg)?;
             let mut ot = tx.open_table(OUTBOX).ctx("open outbox")?;
-            let out = OutStanza::Chat {
-                id: msg.stanza_id.clone(),
-                body: msg.body.clone(),
-                seq,
-            };
-            self.put_out(&mut ot, contact, st.out_last, &out)?;
+            for body in bodies {
+                let seq = st.next_seq.max(1);
+                st.next_seq = seq + 1;
+                st.out_last += 1;
+                let nonce: u32 = rand::random();
+                let msg = Message {
+                    seq,
+                    dir: Direction::Out,
+                    body: (*body).to_string(),
+                    ts: now_ms,
+                    state: Delivery::Queued,
+                    stanza_id: format!("m{seq}.{nonce:08x}"),
+                };
+                self.put_message(&mut mt, contact, &msg)?;
+                let stanza = OutStanza::Chat {
+                    id: msg.stanza_id.clone(),
+                    body: msg.body.clone(),
+                    seq,
+                };
+                self.put_out(&mut ot, contact, st.out_last, &stanza)?;
+                out.push(msg);
+            }
             self.put_peer_state(&mut peers, contact, &st)?;
         }
         tx.commit().ctx("commit")?;
-        Ok(msg)
+        Ok(out)
     }
 
     /// Our queued stanzas for `contact` numbered above `after`, in order.
@@ -806,6 +842,15 @@ fn derive_kek_or(
     kdf: &KdfParams,
 ) -> Result<Zeroizing<[u8; 32]>, OpenStoreError> {
     crypto::derive_kek(passphrase, kdf).map_err(|e| corrupt(dir, e))
+}
+
+/// Where the time of [`Store::open_timed`] went.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenTimings {
+    /// Opening the database file and reading the header.
+    pub db: std::time::Duration,
+    /// Argon2id key derivation (deliberately slow).
+    pub kdf: std::time::Duration,
 }
 
 /// What [`Store::receive`] changed.
