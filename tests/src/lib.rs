@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod c2s;
+pub mod prosody;
 pub mod raw;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -563,8 +563,16 @@ async fn session_loop(
                 }
                 last_rx = Instant::now();
                 shared.stats.xml_bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                let events = session.handle_input(&buf[..n], last_rx);
-                for ev in events {
+                let mut events = session.handle_input(&buf[..n], last_rx).into_iter().peekable();
+                while let Some(ev) = events.next() {
+                    // An ack followed by stanzas: one transaction, one disk sync.
+                    if let Event::Acked(h) = ev
+                        && let Some(Event::Stanzas(_)) = events.peek()
+                        && let Some(Event::Stanzas(items)) = events.next()
+                    {
+                        store_batch(shared, &mut session, contact, &mut sent_upto, Some(h), items).await?;
+                        continue;
+                    }
                     handle_event(shared, &mut session, contact, conn_id, &mut sent_upto, ev).await?;
                 }
             }
@@ -633,22 +641,7 @@ async fn handle_event(
             send_outbox(shared, session, contact, sent_upto).await?;
         }
         Event::Stanzas(items) => {
-            let now = crate::ops::now_ms();
-            let res = db(&shared.store, move |s| s.receive(contact, &items, now))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            // Durable first, then the ack.
-            session.persisted(res.h);
-            for &seq in &res.new_messages {
-                let _ = shared.events.send(NodeEvent::Received { contact, seq });
-            }
-            for &seq in &res.delivered {
-                let _ = shared.events.send(NodeEvent::Delivered { contact, seq });
-            }
-            if res.queued_stanzas {
-                send_outbox(shared, session, contact, sent_upto).await?;
-            }
+            store_batch(shared, session, contact, sent_upto, None, items).await?
         }
         Event::Acked(h) => {
             let sent = db(&shared.store, move |s| s.ack_outgoing(contact, h))
@@ -691,6 +684,39 @@ async fn handle_event(
             shared.stats.stream_faults.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("closing stream after bad input from peer: {}", f.detail);
         }
+    }
+    Ok(())
+}
+
+/// Stores a batch of stanzas (and an ack that came with it), then
+/// acknowledges them: durable first, then the `<a/>`.
+async fn store_batch(
+    shared: &Arc<Shared>,
+    session: &mut Session,
+    contact: u64,
+    sent_upto: &mut Option<u64>,
+    ack: Option<u64>,
+    items: Vec<crate::store::Incoming>,
+) -> Result<(), String> {
+    let now = crate::ops::now_ms();
+    let (sent, res) = db(&shared.store, move |s| {
+        s.ack_and_receive(contact, ack, &items, now)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    session.persisted(res.h);
+    for seq in sent {
+        let _ = shared.events.send(NodeEvent::Sent { contact, seq });
+    }
+    for &seq in &res.new_messages {
+        let _ = shared.events.send(NodeEvent::Received { contact, seq });
+    }
+    for &seq in &res.delivered {
+        let _ = shared.events.send(NodeEvent::Delivered { contact, seq });
+    }
+    if res.queued_stanzas {
+        send_outbox(shared, session, contact, sent_upto).await?;
     }
     Ok(())
 }

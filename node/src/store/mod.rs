@@ -625,13 +625,42 @@ impl Store {
     /// outbox and mark their messages sent. Returns the seqs newly sent.
     pub fn ack_outgoing(&self, contact: u64, h: u64) -> Result<Vec<u64>, StoreError> {
         let tx = self.db.begin_write().ctx("write")?;
+        let sent = self.ack_in(&tx, contact, h)?;
+        tx.commit().ctx("commit")?;
+        Ok(sent)
+    }
+
+    /// An ack and the stanzas that came with it, in one transaction (one
+    /// disk sync instead of two). Returns the seqs newly sent and what the
+    /// stanzas changed.
+    pub fn ack_and_receive(
+        &self,
+        contact: u64,
+        ack: Option<u64>,
+        items: &[Incoming],
+        now_ms: u64,
+    ) -> Result<(Vec<u64>, Received), StoreError> {
+        let tx = self.db.begin_write().ctx("write")?;
+        let sent = match ack {
+            Some(h) => self.ack_in(&tx, contact, h)?,
+            None => Vec::new(),
+        };
+        let res = self.receive_in(&tx, contact, items, now_ms)?;
+        tx.commit().ctx("commit")?;
+        Ok((sent, res))
+    }
+
+    fn ack_in(
+        &self,
+        tx: &redb::WriteTransaction,
+        contact: u64,
+        h: u64,
+    ) -> Result<Vec<u64>, StoreError> {
         let mut sent = Vec::new();
         {
             let mut peers = tx.open_table(PEERS).ctx("open peers")?;
             let mut st = self.peer_state_in(&peers, contact)?;
             if h <= st.out_acked {
-                drop(peers);
-                tx.abort().ctx("abort")?;
                 return Ok(sent);
             }
             let h = h.min(st.out_last);
@@ -668,7 +697,6 @@ impl Store {
             st.out_acked = h;
             self.put_peer_state(&mut peers, contact, &st)?;
         }
-        tx.commit().ctx("commit")?;
         Ok(sent)
     }
 
@@ -683,6 +711,18 @@ impl Store {
         now_ms: u64,
     ) -> Result<Received, StoreError> {
         let tx = self.db.begin_write().ctx("write")?;
+        let res = self.receive_in(&tx, contact, items, now_ms)?;
+        tx.commit().ctx("commit")?;
+        Ok(res)
+    }
+
+    fn receive_in(
+        &self,
+        tx: &redb::WriteTransaction,
+        contact: u64,
+        items: &[Incoming],
+        now_ms: u64,
+    ) -> Result<Received, StoreError> {
         let mut res = Received::default();
         {
             let mut peers = tx.open_table(PEERS).ctx("open peers")?;
@@ -753,7 +793,6 @@ impl Store {
             self.put_peer_state(&mut peers, contact, &st)?;
             res.h = st.in_h;
         }
-        tx.commit().ctx("commit")?;
         Ok(res)
     }
 

@@ -1,0 +1,440 @@
+//! `coterie-bench`: the figures in docs/benchmarks.md.
+//!
+//! ```text
+//! cargo run --release -p coterie-tests --bin coterie-bench -- [all|rtt|throughput|store] [--n N] [--store-messages N]
+//! ```
+//!
+//! Everything runs on 127.0.0.1. `rtt` needs Debian's `prosody`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coterie_tests::c2s::C2s;
+use coterie_tests::prosody::Prosody;
+use node::runtime::{Node, NodeConfig, NodeEvent};
+use node::store::crypto::KdfParams;
+use node::store::{DEFAULT_RETENTION_DAYS, Delivery, Direction, Message, Profile, Store};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PASS: &str = "benchmark passphrase";
+
+fn body_1k() -> String {
+    "x".repeat(1024)
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+    (q(0.5), q(0.9), q(0.99))
+}
+
+fn create(dir: &Path, name: &str) {
+    let p = Profile {
+        name: name.into(),
+        seed: rand::random(),
+        created: 0,
+        retention_days: DEFAULT_RETENTION_DAYS,
+        last_addrs: vec![],
+    };
+    Store::create(dir, PASS, &p, KdfParams::recommended()).expect("create");
+}
+
+async fn open_retry(dir: &Path) -> Store {
+    for _ in 0..200 {
+        match Store::open(dir, PASS) {
+            Ok(s) => return s,
+            Err(node::store::OpenStoreError::InUse(_)) => {
+                tokio::time::sleep(Duration::from_millis(25)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("store stayed in use");
+}
+
+async fn start(dir: &Path) -> Node {
+    let cfg = NodeConfig {
+        listen: vec!["127.0.0.1:0".parse().expect("addr")],
+        ..Default::default()
+    };
+    Node::start(open_retry(dir).await, cfg)
+        .await
+        .expect("start")
+}
+
+async fn wait_event(
+    rx: &mut tokio::sync::broadcast::Receiver<NodeEvent>,
+    f: impl Fn(&NodeEvent) -> bool,
+) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+            Ok(Ok(e)) if f(&e) => return,
+            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(e)) => panic!("event channel: {e}"),
+            Err(_) => panic!("timed out waiting for an event"),
+        }
+    }
+}
+
+async fn pair(root: &Path) -> (Node, Node) {
+    create(&root.join("a"), "alice");
+    create(&root.join("b"), "bob");
+    let a = start(&root.join("a")).await;
+    let b = start(&root.join("b")).await;
+    let mut ev = a.subscribe();
+    let uri = a.invite("1h").await.expect("invite");
+    b.add(&uri, Some("alice")).await.expect("add");
+    wait_event(&mut ev, |e| {
+        matches!(e, NodeEvent::Connection { up: true, .. })
+    })
+    .await;
+    (a, b)
+}
+
+async fn rtt(n: usize) {
+    println!(
+        "## 1 KB message round trip (sent, stored, acked, receipt back), 127.0.0.1, {n} runs after 20 warm-up"
+    );
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = pair(tmp.path()).await;
+    let mut ev = a.subscribe();
+    let body = body_1k();
+    let mut coterie = Vec::new();
+    for i in 0..n + 20 {
+        let t = Instant::now();
+        let m = a.send("bob", &body).await.expect("send");
+        wait_event(
+            &mut ev,
+            |e| matches!(e, NodeEvent::Delivered { seq, .. } if *seq == m.seq),
+        )
+        .await;
+        if i >= 20 {
+            coterie.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+
+    let p = Prosody::start(
+        &tmp.path().join("prosody"),
+        &[("alice", "pw-a"), ("bob", "pw-b")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut ca = C2s::login(p.port, "alice", "pw-a", "bench")
+        .await
+        .expect("alice login");
+    let mut cb = C2s::login(p.port, "bob", "pw-b", "bench")
+        .await
+        .expect("bob login");
+    let (to_b, to_a) = (cb.jid.clone(), ca.jid.clone());
+    let echo = tokio::spawn(async move {
+        loop {
+            let Ok(m) = cb.next_message().await else {
+                return;
+            };
+            if let Some(id) = m.attr("id") {
+                if m.get_child("request", "urn:xmpp:receipts").is_some() {
+                    let r = format!(
+                        "<message to='{to_a}' id='r{id}'><received xmlns='urn:xmpp:receipts' id='{id}'/></message>"
+                    );
+                    if cb.write(&r).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut prosody = Vec::new();
+    for i in 0..n + 20 {
+        let id = format!("m{i}");
+        let t = Instant::now();
+        ca.write(&format!("<message to='{to_b}' id='{id}' type='chat'><body>{body}</body><request xmlns='urn:xmpp:receipts'/></message>"))
+            .await
+            .expect("send");
+        loop {
+            let m = ca.next_message().await.expect("receipt");
+            if m.get_child("received", "urn:xmpp:receipts")
+                .and_then(|r| r.attr("id"))
+                == Some(id.as_str())
+            {
+                break;
+            }
+        }
+        if i >= 20 {
+            prosody.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    echo.abort();
+    let (cm, c9, c99) = stats(coterie);
+    let (pm, p9, p99) = stats(prosody);
+    println!("| path | median ms | p90 ms | p99 ms |\n| --- | --- | --- | --- |");
+    println!("| Coterie node → node (TLS 1.3, both ends fsync) | {cm:.3} | {c9:.3} | {c99:.3} |");
+    println!("| Prosody c2s → c2s (plaintext, in memory) | {pm:.3} | {p9:.3} | {p99:.3} |");
+    println!(
+        "ratio Coterie/Prosody (median): {:.2} (goal ≤ 0.25)\n",
+        cm / pm
+    );
+}
+
+async fn raw_rustls(n: usize) -> f64 {
+    use transport::{PeerAddr, PeerPolicy, SecretKey, TlsContext, Transport};
+    #[derive(Debug)]
+    struct Any;
+    impl PeerPolicy for Any {
+        fn admit(&self, _: &transport::PeerId) -> bool {
+            true
+        }
+    }
+    let (ks, kc) = (SecretKey::generate(), SecretKey::generate());
+    let (ts, tc) = (
+        TlsContext::new(&ks).expect("tls"),
+        TlsContext::new(&kc).expect("tls"),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(transport::tcp::serve(l, ts, Arc::new(Any), tx));
+    let mut c = transport::tcp::TcpTransport::new(tc)
+        .dial(&PeerAddr::Tcp(addr), ks.peer_id())
+        .await
+        .expect("dial");
+    let mut s = rx.recv().await.expect("accept");
+    let total = n * 1024;
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0;
+        while got < total {
+            got += s.io.read(&mut buf).await.expect("read");
+        }
+        Instant::now()
+    });
+    let payload = vec![b'x'; 1024];
+    let t = Instant::now();
+    for _ in 0..n {
+        c.io.write_all(&payload).await.expect("write");
+    }
+    c.io.flush().await.expect("flush");
+    let end = reader.await.expect("reader");
+    n as f64 / (end - t).as_secs_f64()
+}
+
+async fn coterie_stream(n: usize) -> f64 {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = pair(tmp.path()).await;
+    b.shutdown().await;
+    let body = body_1k();
+    let bodies: Vec<&str> = (0..1000).map(|_| body.as_str()).collect();
+    let contact = node::ops::find_contact(a.store(), "bob").expect("bob").id;
+    for _ in 0..n / 1000 {
+        a.store()
+            .queue_outgoing_many(contact, &bodies, 0)
+            .expect("queue");
+    }
+    let b = start(&tmp.path().join("b")).await;
+    let mut ev = b.subscribe();
+    wait_event(&mut ev, |e| {
+        matches!(e, NodeEvent::Connection { up: true, .. })
+    })
+    .await;
+    let t = Instant::now();
+    let mut got = 0;
+    while got < n / 1000 * 1000 {
+        match tokio::time::timeout(Duration::from_secs(60), ev.recv()).await {
+            Ok(Ok(NodeEvent::Received { .. })) => got += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(k))) => got += k as usize,
+            other => panic!("{other:?}"),
+        }
+    }
+    let rate = got as f64 / t.elapsed().as_secs_f64();
+    a.shutdown().await;
+    b.shutdown().await;
+    rate
+}
+
+async fn throughput(n: usize) {
+    println!(
+        "## Messages per second on one stream, 1 KB payloads, {n} messages, 3 runs each (median)"
+    );
+    let mut raw = Vec::new();
+    let mut ours = Vec::new();
+    for _ in 0..3 {
+        raw.push(raw_rustls(n).await);
+        ours.push(coterie_stream(n).await);
+    }
+    let (r, _, _) = stats(raw);
+    let (o, _, _) = stats(ours);
+    println!("| path | messages/s |\n| --- | --- |");
+    println!("| raw rustls over TCP (1 KB writes, no framing, no storage) | {r:.0} |");
+    println!("| Coterie stream (XML, padding, XEP-0198, receiver fsync per batch) | {o:.0} |");
+    println!("ratio Coterie/raw: {:.3} (goal ≥ 0.30)\n", o / r);
+}
+
+fn store_open_child(dir: &Path) {
+    let t = Instant::now();
+    let (s, timings) = Store::open_timed(dir, PASS).expect("open");
+    let open = t.elapsed();
+    let contact = s.contacts().expect("contacts")[0].id;
+    let t = Instant::now();
+    let page = s.history(contact, 50).expect("page");
+    let first_page = t.elapsed();
+    assert_eq!(page.len(), 50);
+    let mut pages = Vec::new();
+    for _ in 0..100 {
+        let t = Instant::now();
+        let _ = s.history(contact, 50).expect("page");
+        pages.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (pm, _, _) = stats(pages);
+    println!(
+        "{{\"db_ms\":{:.3},\"kdf_ms\":{:.3},\"open_ms\":{:.3},\"first_page_ms\":{:.3},\"page_median_ms\":{pm:.4}}}",
+        timings.db.as_secs_f64() * 1000.0,
+        timings.kdf.as_secs_f64() * 1000.0,
+        open.as_secs_f64() * 1000.0,
+        first_page.as_secs_f64() * 1000.0
+    );
+}
+
+fn store(n: usize) {
+    println!("## Store with {n} messages");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("p");
+    create(&dir, "alice");
+    {
+        let s = Store::open(&dir, PASS).expect("open");
+        let c = node::store::Contact {
+            id: 0,
+            name: "bob".into(),
+            peer: *transport::SecretKey::generate().peer_id().as_bytes(),
+            addrs: vec![],
+            state: node::store::ContactState::Active,
+            added: 0,
+            last_seen: None,
+            last_carrier: None,
+        };
+        let id = s.add_contact(c).expect("contact");
+        let t = Instant::now();
+        let mut seq = 1;
+        while seq <= n as u64 {
+            let batch: Vec<Message> = (0..10_000.min(n as u64 - seq + 1))
+                .map(|i| Message {
+                    seq: seq + i,
+                    dir: if i % 2 == 0 {
+                        Direction::In
+                    } else {
+                        Direction::Out
+                    },
+                    body: format!(
+                        "message {} with some ordinary chat text in it, about eighty bytes long.",
+                        seq + i
+                    ),
+                    ts: 1_700_000_000_000 + (seq + i) * 1000,
+                    state: if i % 2 == 0 {
+                        Delivery::Received
+                    } else {
+                        Delivery::Delivered
+                    },
+                    stanza_id: format!("m{}.00000000", seq + i),
+                })
+                .collect();
+            s.bulk_insert_messages(id, &batch).expect("insert");
+            seq += batch.len() as u64;
+        }
+        let size = std::fs::metadata(dir.join(node::store::STORE_FILE))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        println!(
+            "filled in {:.1} s; file {:.0} MiB",
+            t.elapsed().as_secs_f64(),
+            size as f64 / (1 << 20) as f64
+        );
+    }
+    let exe = std::env::current_exe().expect("exe");
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        let out = std::process::Command::new(&exe)
+            .args(["store-open", &dir.display().to_string()])
+            .output()
+            .expect("child");
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("{e}: {line} {}", String::from_utf8_lossy(&out.stderr)));
+        runs.push(v);
+    }
+    let med = |k: &str| {
+        stats(
+            runs.iter()
+                .map(|v| v[k].as_f64().unwrap_or(f64::NAN))
+                .collect(),
+        )
+        .0
+    };
+    println!("fresh process each time, page cache warm, median of 5:");
+    println!("| figure | ms | goal |\n| --- | --- | --- |");
+    println!(
+        "| open the database (file, header, tables) | {:.3} | ≤ 100 |",
+        med("db_ms")
+    );
+    println!(
+        "| Argon2id key derivation (64 MiB, t=3) | {:.1} | (deliberately slow) |",
+        med("kdf_ms")
+    );
+    println!(
+        "| first page of the latest 50 after open | {:.3} | ≤ 2 |",
+        med("first_page_ms")
+    );
+    println!(
+        "| latest page of 50, steady state (median of 100) | {:.4} | ≤ 2 |\n",
+        med("page_median_ms")
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let what = args.get(1).map(String::as_str).unwrap_or("all");
+    let flag = |name: &str, default: usize| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    if what == "store-open" {
+        store_open_child(Path::new(args.get(2).expect("dir")));
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "# coterie-bench {} on {} cores",
+        chrono_free_date(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    if matches!(what, "all" | "rtt") {
+        rt.block_on(rtt(flag("--n", 200)));
+    }
+    if matches!(what, "all" | "throughput") {
+        rt.block_on(throughput(flag("--messages", 20_000)));
+    }
+    if matches!(what, "all" | "store") {
+        store(flag("--store-messages", 1_000_000));
+    }
+}
+
+fn chrono_free_date() -> String {
+    let out = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
