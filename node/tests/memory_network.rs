@@ -6,6 +6,7 @@ use std::time::Duration;
 use coterie_node::runtime::{Node, NodeConfig};
 use coterie_node::store::crypto::KdfParams;
 use coterie_node::store::{DEFAULT_RETENTION_DAYS, Delivery, Profile, Store};
+use discovery::MemoryDiscovery;
 use transport::memory::MemoryNetwork;
 
 fn kdf() -> KdfParams {
@@ -29,12 +30,37 @@ fn create(dir: &std::path::Path, name: &str) {
 }
 
 async fn start(dir: &std::path::Path, net: &MemoryNetwork, name: &str) -> Node {
-    let store = Store::open(dir, "pw").expect("open");
+    start_with(dir, net, name, None).await
+}
+
+async fn start_with(
+    dir: &std::path::Path,
+    net: &MemoryNetwork,
+    name: &str,
+    d: Option<MemoryDiscovery>,
+) -> Node {
+    let mut store = None;
+    for _ in 0..100 {
+        match Store::open(dir, "pw") {
+            Ok(s) => {
+                store = Some(s);
+                break;
+            }
+            Err(coterie_node::store::OpenStoreError::InUse(_)) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let discovery = d.map(|d| std::sync::Arc::new(d) as std::sync::Arc<dyn discovery::Discovery>);
     let cfg = NodeConfig {
         memory: Some((net.clone(), name.into())),
+        discovery,
         ..Default::default()
     };
-    Node::start(store, cfg).await.expect("start")
+    Node::start(store.expect("store released"), cfg)
+        .await
+        .expect("start")
 }
 
 async fn wait_for<F: Fn() -> bool>(what: &str, f: F) {
@@ -139,4 +165,31 @@ async fn an_invite_works_once() {
     for n in [a, b, c] {
         n.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_finds_contacts_whose_addresses_changed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let net = MemoryNetwork::new();
+    let dir = MemoryDiscovery::new();
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    create(&da, "alice");
+    create(&db, "bob");
+    let a = start_with(&da, &net, "alice", Some(dir.clone())).await;
+    let b = start_with(&db, &net, "bob", Some(dir.clone())).await;
+    let uri = a.invite("1h").await.expect("invite");
+    b.add(&uri, None).await.expect("add");
+    wait_for("session", || a.status().peers.len() == 1).await;
+    a.shutdown().await;
+    b.shutdown().await;
+    // Both come back at new addresses: what each stored about the other is stale.
+    let a = start_with(&da, &net, "alice-moved", Some(dir.clone())).await;
+    a.send("bob", "found you").await.expect("send");
+    let b = start_with(&db, &net, "bob-moved", Some(dir.clone())).await;
+    wait_for("delivery through discovered addresses", || {
+        states(&a, "bob").contains(&("found you".into(), Delivery::Delivered))
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
 }

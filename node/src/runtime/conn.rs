@@ -230,7 +230,13 @@ async fn dialer(shared: Arc<Shared>, contact: u64) {
             if matches!(c.state, ContactState::Refused { .. }) {
                 return;
             }
-            let addrs: Vec<PeerAddr> = c.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            let known: Vec<PeerAddr> = c.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            let found = match (&shared.cfg.discovery, PeerId::from_bytes(c.peer)) {
+                (Some(d), Ok(p)) => d.lookup(&p),
+                _ => Vec::new(),
+            };
+            // Fresh discovery results first: stored addresses may be stale.
+            let addrs = discovery::merge(&[&found, &known]);
             if !addrs.is_empty() {
                 match dial_once(&shared, &c, &addrs).await {
                     Ok(()) => backoff = BACKOFF_MIN,

@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub rate: RateLimit,
     /// Serve the control socket in the profile directory.
     pub control_socket: bool,
+    /// Where to publish our addresses and look up contacts' current ones.
+    pub discovery: Option<Arc<dyn discovery::Discovery>>,
 }
 
 /// Why the node could not start.
@@ -347,6 +349,9 @@ impl Node {
         if let Ok(mut a) = shared.advertised.write() {
             *a = advertised.clone();
         }
+        if let Some(d) = &cfg.discovery {
+            d.publish(&me, &advertised);
+        }
         let strs: Vec<String> = advertised.iter().map(|a| a.to_string()).collect();
         db(&store, move |s| -> Result<(), crate::store::StoreError> {
             let mut p = s.profile()?;
@@ -443,6 +448,9 @@ impl Node {
     /// Stops every task; sessions end without a goodbye (the peer resumes later).
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
+        if let Some(d) = &self.shared.cfg.discovery {
+            d.withdraw(&self.shared.me);
+        }
         if let Some((net, name)) = &self.shared.cfg.memory {
             net.unlisten(name);
         }
