@@ -49,7 +49,7 @@ impl OpError {
 }
 
 /// Own identity, for `coterie id`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdView {
     /// `NAME@<onion>.onion`
     pub jid: String,
@@ -60,7 +60,7 @@ pub struct IdView {
 }
 
 /// A contact, for `coterie contacts`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContactView {
     /// Local name.
     pub name: String,
@@ -79,7 +79,7 @@ pub struct ContactView {
 }
 
 /// A message, for `coterie history`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageView {
     /// Per-contact sequence.
     pub seq: u64,

@@ -41,6 +41,21 @@ const IDLE_PING: Duration = Duration::from_secs(30);
 const IDLE_DEAD: Duration = Duration::from_secs(90);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Most of our stanzas in flight (sent, not yet acknowledged) per session.
+const WINDOW: u64 = 256;
+/// Most padded units waiting for the writer; a peer that lets more pile up
+/// has stopped reading and is disconnected.
+const WRITE_QUEUE: usize = 4096;
+
+/// Flow state of one connection: what we sent, what they acknowledged.
+#[derive(Debug, Default)]
+struct Flow {
+    /// Our stanzas up to this number were written on this connection
+    /// (`None` until the stream is resumed).
+    sent: Option<u64>,
+    /// Our stanzas up to this number were acknowledged.
+    acked: u64,
+}
 
 /// Commands to a session task.
 #[derive(Debug)]
@@ -499,26 +514,36 @@ async fn run_session(
     shared.kick(contact).notify_one();
 }
 
-async fn write_out(
-    session: &mut Session,
-    wr: &mut (impl AsyncWriteExt + Unpin),
-) -> Result<(), String> {
-    let mut wrote = false;
+/// Hands the session's padded units to the writer task.
+fn write_out(session: &mut Session, wtx: &mpsc::Sender<Vec<u8>>) -> Result<(), String> {
     while let Some(unit) = session.poll_transmit() {
-        // Each padded unit is its own write, hence its own TLS record(s).
-        tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&unit))
-            .await
-            .map_err(|_| "peer stopped reading")?
-            .map_err(|e| e.to_string())?;
-        wrote = true;
-    }
-    if wrote {
-        tokio::time::timeout(WRITE_TIMEOUT, wr.flush())
-            .await
-            .map_err(|_| "peer stopped reading")?
-            .map_err(|e| e.to_string())?;
+        wtx.try_send(unit).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => "peer stopped reading".to_string(),
+            mpsc::error::TrySendError::Closed(_) => "connection lost while writing".to_string(),
+        })?;
     }
     Ok(())
+}
+
+/// Writes units in order, each as its own write (hence its own TLS
+/// record(s)), flushing when the queue runs dry. Runs beside the reader so
+/// that a session never stops reading while it writes.
+async fn writer_task(mut wr: impl AsyncWriteExt + Unpin, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(unit) = rx.recv().await {
+        match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&unit)).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+        if rx.is_empty()
+            && !matches!(
+                tokio::time::timeout(WRITE_TIMEOUT, wr.flush()).await,
+                Ok(Ok(()))
+            )
+        {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
 }
 
 async fn session_loop(
@@ -527,7 +552,7 @@ async fn session_loop(
     role: Role,
     contact: u64,
     conn_id: u64,
-    mut cmd_rx: mpsc::Receiver<ConnCmd>,
+    cmd_rx: mpsc::Receiver<ConnCmd>,
 ) -> Result<(), String> {
     let peer = a.peer;
     let st = db(&shared.store, move |s| s.peer_state(contact))
@@ -544,15 +569,32 @@ async fn session_loop(
         limits: shared.cfg.limits,
         rate: shared.cfg.rate,
     };
-    let mut session = Session::new(params, Instant::now());
-    let (mut rd, mut wr) = tokio::io::split(a.io);
+    let session = Session::new(params, Instant::now());
+    let (rd, wr) = tokio::io::split(a.io);
+    let (wtx, wrx) = mpsc::channel(WRITE_QUEUE);
+    let writer = tokio::spawn(writer_task(wr, wrx));
+    let result = read_loop(shared, session, rd, &wtx, contact, conn_id, cmd_rx).await;
+    // Let the writer flush what is queued (a closing tag, a stream error).
+    drop(wtx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    result
+}
+
+async fn read_loop(
+    shared: &Arc<Shared>,
+    mut session: Session,
+    mut rd: impl AsyncReadExt + Unpin,
+    wtx: &mpsc::Sender<Vec<u8>>,
+    contact: u64,
+    conn_id: u64,
+    mut cmd_rx: mpsc::Receiver<ConnCmd>,
+) -> Result<(), String> {
     // Large reads mean large batches: one store transaction (one fsync) per read.
     let mut buf = vec![0u8; 256 * 1024];
-    // Our stanzas up to this number have been written on this connection.
-    let mut sent_upto: Option<u64> = None;
+    let mut flow = Flow::default();
     let mut last_rx = Instant::now();
     let mut shutdown = shared.shutdown.clone();
-    write_out(&mut session, &mut wr).await?;
+    write_out(&mut session, wtx)?;
     loop {
         if let Some(until) = session.throttle_until() {
             let now = Instant::now();
@@ -576,17 +618,17 @@ async fn session_loop(
                         && let Some(Event::Stanzas(_)) = events.peek()
                         && let Some(Event::Stanzas(items)) = events.next()
                     {
-                        store_batch(shared, &mut session, contact, &mut sent_upto, Some(h), items).await?;
+                        store_batch(shared, &mut session, contact, &mut flow, Some(h), items).await?;
                         continue;
                     }
-                    handle_event(shared, &mut session, contact, conn_id, &mut sent_upto, ev).await?;
+                    handle_event(shared, &mut session, contact, conn_id, &mut flow, ev).await?;
                 }
             }
             cmd = cmd_rx.recv() => match cmd {
-                Some(ConnCmd::OutboxGrew) => send_outbox(shared, &mut session, contact, &mut sent_upto).await?,
+                Some(ConnCmd::OutboxGrew) => send_outbox(shared, &mut session, contact, &mut flow).await?,
                 Some(ConnCmd::Close) | None => {
                     session.close();
-                    let _ = write_out(&mut session, &mut wr).await;
+                    let _ = write_out(&mut session, wtx);
                     return Ok(());
                 }
             },
@@ -598,11 +640,11 @@ async fn session_loop(
             }
             _ = shutdown.changed() => {
                 session.close();
-                let _ = write_out(&mut session, &mut wr).await;
+                let _ = write_out(&mut session, wtx);
                 return Ok(());
             }
         }
-        write_out(&mut session, &mut wr).await?;
+        write_out(&mut session, wtx)?;
         if session.is_closed() {
             return Ok(());
         }
@@ -614,7 +656,7 @@ async fn handle_event(
     session: &mut Session,
     contact: u64,
     conn_id: u64,
-    sent_upto: &mut Option<u64>,
+    flow: &mut Flow,
     ev: Event,
 ) -> Result<(), String> {
     match ev {
@@ -629,7 +671,8 @@ async fn handle_event(
             let _ = shared
                 .events
                 .send(NodeEvent::Connection { contact, up: true });
-            *sent_upto = Some(peer_h);
+            flow.sent = Some(peer_h);
+            flow.acked = peer_h;
             {
                 let mut conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(e) = conns.get_mut(&contact).filter(|e| e.conn_id == conn_id) {
@@ -644,11 +687,9 @@ async fn handle_event(
                 .map(|a| a.iter().map(|a| a.to_string()).collect())
                 .unwrap_or_default();
             session.send_addresses(&addrs);
-            send_outbox(shared, session, contact, sent_upto).await?;
+            send_outbox(shared, session, contact, flow).await?;
         }
-        Event::Stanzas(items) => {
-            store_batch(shared, session, contact, sent_upto, None, items).await?
-        }
+        Event::Stanzas(items) => store_batch(shared, session, contact, flow, None, items).await?,
         Event::Acked(h) => {
             let sent = db(&shared.store, move |s| s.ack_outgoing(contact, h))
                 .await
@@ -657,6 +698,9 @@ async fn handle_event(
             for seq in sent {
                 let _ = shared.events.send(NodeEvent::Sent { contact, seq });
             }
+            flow.acked = flow.acked.max(h);
+            // The window opened: send more.
+            send_outbox(shared, session, contact, flow).await?;
         }
         Event::Addresses(addrs) => {
             let valid: Vec<String> = addrs
@@ -700,7 +744,7 @@ async fn store_batch(
     shared: &Arc<Shared>,
     session: &mut Session,
     contact: u64,
-    sent_upto: &mut Option<u64>,
+    flow: &mut Flow,
     ack: Option<u64>,
     items: Vec<crate::store::Incoming>,
 ) -> Result<(), String> {
@@ -721,8 +765,11 @@ async fn store_batch(
     for &seq in &res.delivered {
         let _ = shared.events.send(NodeEvent::Delivered { contact, seq });
     }
-    if res.queued_stanzas {
-        send_outbox(shared, session, contact, sent_upto).await?;
+    if let Some(h) = ack {
+        flow.acked = flow.acked.max(h);
+    }
+    if res.queued_stanzas || ack.is_some() {
+        send_outbox(shared, session, contact, flow).await?;
     }
     Ok(())
 }
@@ -731,21 +778,25 @@ async fn send_outbox(
     shared: &Arc<Shared>,
     session: &mut Session,
     contact: u64,
-    sent_upto: &mut Option<u64>,
+    flow: &mut Flow,
 ) -> Result<(), String> {
-    let Some(after) = *sent_upto else {
+    let Some(after) = flow.sent else {
         return Ok(());
     };
-    if !session.is_open() {
+    // At most WINDOW of our stanzas in flight: the rest waits for acks.
+    let room = (flow.acked + WINDOW).saturating_sub(after);
+    if !session.is_open() || room == 0 {
         return Ok(());
     }
-    let items = db(&shared.store, move |s| s.outbox_after(contact, after))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let items = db(&shared.store, move |s| {
+        s.outbox_after(contact, after, room as usize)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
     for (n, st) in items {
         session.send(&st);
-        *sent_upto = Some(n);
+        flow.sent = Some(n);
     }
     Ok(())
 }

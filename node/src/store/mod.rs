@@ -601,11 +601,12 @@ impl Store {
         Ok(out)
     }
 
-    /// Our queued stanzas for `contact` numbered above `after`, in order.
+    /// Our queued stanzas for `contact` numbered above `after`, in order, at most `limit`.
     pub fn outbox_after(
         &self,
         contact: u64,
         after: u64,
+        limit: usize,
     ) -> Result<Vec<(u64, OutStanza)>, StoreError> {
         let rx = self.db.begin_read().ctx("read")?;
         let t = rx.open_table(OUTBOX).ctx("open outbox")?;
@@ -613,6 +614,7 @@ impl Store {
         for row in t
             .range((contact, after.saturating_add(1))..=(contact, u64::MAX))
             .ctx("read outbox")?
+            .take(limit)
         {
             let (k, v) = row.ctx("read outbox")?;
             let (c, n) = k.value();

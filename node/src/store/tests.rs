@@ -84,9 +84,9 @@ fn outgoing_messages_go_queued_sent_delivered() {
     let c = s.add_contact(contact(1)).expect("add");
     let m1 = s.queue_outgoing(c, "one", 10).expect("q");
     let m2 = s.queue_outgoing(c, "two", 11).expect("q");
-    assert_eq!(s.outbox_after(c, 0).expect("outbox").len(), 2);
+    assert_eq!(s.outbox_after(c, 0, usize::MAX).expect("outbox").len(), 2);
     assert_eq!(s.ack_outgoing(c, 1).expect("ack"), vec![m1.seq]);
-    assert_eq!(s.outbox_after(c, 0).expect("outbox").len(), 1);
+    assert_eq!(s.outbox_after(c, 0, usize::MAX).expect("outbox").len(), 1);
     // A stale ack changes nothing.
     assert!(s.ack_outgoing(c, 1).expect("ack").is_empty());
     let r = s
@@ -150,7 +150,7 @@ fn incoming_messages_are_stored_with_receipts_queued_atomically() {
     let r = s.receive(c, &items, 3).expect("recv");
     assert_eq!(r.h, 3);
     assert_eq!(r.new_messages.len(), 2);
-    let out = s.outbox_after(c, 0).expect("outbox");
+    let out = s.outbox_after(c, 0, usize::MAX).expect("outbox");
     assert_eq!(out.len(), 1);
     assert!(matches!(&out[0].1, OutStanza::Receipt { of, .. } if of == "a"));
     assert_eq!(s.peer_state(c).expect("st").in_h, 3);
