@@ -605,9 +605,23 @@ async fn read_loop(
         let idle = tokio::time::sleep_until((last_rx + IDLE_PING).into());
         tokio::select! {
             r = rd.read(&mut buf) => {
-                let n = r.map_err(|e| e.to_string())?;
+                let mut n = r.map_err(|e| e.to_string())?;
                 if n == 0 {
                     return Err("connection closed by peer".into());
+                }
+                // Take whatever else is already here (TLS hands out one record
+                // per read): a bigger batch is one store transaction instead of many.
+                let mut eof = false;
+                while n + 16 * 1024 <= buf.len() {
+                    match tokio::time::timeout(Duration::ZERO, rd.read(&mut buf[n..])).await {
+                        Ok(Ok(0)) => {
+                            eof = true;
+                            break;
+                        }
+                        Ok(Ok(k)) => n += k,
+                        Ok(Err(e)) => return Err(e.to_string()),
+                        Err(_) => break,
+                    }
                 }
                 last_rx = Instant::now();
                 shared.stats.xml_bytes_in.fetch_add(n as u64, Ordering::Relaxed);
@@ -622,6 +636,10 @@ async fn read_loop(
                         continue;
                     }
                     handle_event(shared, &mut session, contact, conn_id, &mut flow, ev).await?;
+                }
+                if eof {
+                    write_out(&mut session, wtx)?;
+                    return Err("connection closed by peer".into());
                 }
             }
             cmd = cmd_rx.recv() => match cmd {
@@ -691,6 +709,7 @@ async fn handle_event(
         }
         Event::Stanzas(items) => store_batch(shared, session, contact, flow, None, items).await?,
         Event::Acked(h) => {
+            tracing::trace!(h, "ack");
             let sent = db(&shared.store, move |s| s.ack_outgoing(contact, h))
                 .await
                 .map_err(|e| e.to_string())?
@@ -749,12 +768,15 @@ async fn store_batch(
     items: Vec<crate::store::Incoming>,
 ) -> Result<(), String> {
     let now = crate::ops::now_ms();
+    let n_items = items.len();
+    let t0 = Instant::now();
     let (sent, res) = db(&shared.store, move |s| {
         s.ack_and_receive(contact, ack, &items, now)
     })
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
+    tracing::trace!(stanzas = n_items, ack = ack.is_some(), took_us = t0.elapsed().as_micros() as u64, "stored batch");
     session.persisted(res.h);
     for seq in sent {
         let _ = shared.events.send(NodeEvent::Sent { contact, seq });
@@ -785,7 +807,11 @@ async fn send_outbox(
     };
     // At most WINDOW of our stanzas in flight: the rest waits for acks.
     let room = (flow.acked + WINDOW).saturating_sub(after);
-    if !session.is_open() || room == 0 {
+    // Refill only when half the window is free (or nothing is in flight):
+    // trickling a few stanzas per ack makes tiny batches, each costing the
+    // receiver a disk sync (silly-window avoidance, as in TCP).
+    let in_flight = after > flow.acked;
+    if !session.is_open() || room == 0 || (in_flight && room < WINDOW / 2) {
         return Ok(());
     }
     let items = db(&shared.store, move |s| {

@@ -408,6 +408,9 @@ fn main() {
         store_open_child(Path::new(args.get(2).expect("dir")));
         return;
     }
+    if let Ok(f) = tracing_subscriber::EnvFilter::try_from_env("COTERIE_LOG") {
+        tracing_subscriber::fmt().with_env_filter(f).with_writer(std::io::stderr).init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

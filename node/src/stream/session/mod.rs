@@ -67,8 +67,8 @@ pub struct RateLimit {
 impl Default for RateLimit {
     fn default() -> Self {
         RateLimit {
-            per_second: 2000.0,
-            burst: 4000.0,
+            per_second: 10_000.0,
+            burst: 20_000.0,
         }
     }
 }
