@@ -613,14 +613,17 @@ async fn read_loop(
                 // per read): a bigger batch is one store transaction instead of many.
                 let mut eof = false;
                 while n + 16 * 1024 <= buf.len() {
-                    match tokio::time::timeout(Duration::ZERO, rd.read(&mut buf[n..])).await {
-                        Ok(Ok(0)) => {
+                    // Poll once: ready data is taken, anything else means "nothing more now".
+                    let mut more = std::pin::pin!(rd.read(&mut buf[n..]));
+                    let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(more.as_mut().poll(cx))).await;
+                    match polled {
+                        std::task::Poll::Ready(Ok(0)) => {
                             eof = true;
                             break;
                         }
-                        Ok(Ok(k)) => n += k,
-                        Ok(Err(e)) => return Err(e.to_string()),
-                        Err(_) => break,
+                        std::task::Poll::Ready(Ok(k)) => n += k,
+                        std::task::Poll::Ready(Err(e)) => return Err(e.to_string()),
+                        std::task::Poll::Pending => break,
                     }
                 }
                 last_rx = Instant::now();
