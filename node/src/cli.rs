@@ -85,6 +85,11 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Show or set how many days messages are kept (0 = forever; default 30).
+    Retention {
+        /// New value in days.
+        days: Option<u32>,
+    },
     /// What the node is doing.
     Status,
     /// Stop a running node.
@@ -521,6 +526,22 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                         );
                     }
                 }
+            }
+            Ok(())
+        }
+        Cmd::Retention { days } => {
+            let rt = runtime()?;
+            let v: u32 = via_node_or_store(&rt, dir, &Request::Retention { days }, |s| {
+                Ok(ops::retention(s, days)?)
+            })?;
+            if out.json {
+                out.json(&serde_json::json!({"retention_days": v}));
+            } else if v == 0 {
+                println!("messages are kept until you delete them");
+            } else {
+                println!(
+                    "messages older than {v} days are deleted (queued ones are kept until delivered)"
+                );
             }
             Ok(())
         }

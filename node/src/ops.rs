@@ -301,6 +301,22 @@ pub fn history(store: &Store, sel: &str, limit: usize) -> Result<Vec<MessageView
         .collect())
 }
 
+/// `coterie retention [DAYS]`: shows or sets how long messages are kept
+/// (0 = forever). Returns the value in force.
+pub fn retention(store: &Store, days: Option<u32>) -> Result<u32, OpError> {
+    let mut p = store.profile()?;
+    if let Some(d) = days {
+        if d > 36_500 {
+            return Err(OpError::Usage(
+                "retention is at most 36500 days; use 0 to keep messages forever".into(),
+            ));
+        }
+        p.retention_days = d;
+        store.set_profile(&p)?;
+    }
+    Ok(p.retention_days)
+}
+
 /// Whether a message state counts as done for the sender.
 pub fn is_final(state: Delivery) -> bool {
     matches!(state, Delivery::Delivered | Delivery::Received)

@@ -168,6 +168,11 @@ fn cli_errors_are_clear_and_have_documented_codes() {
     assert_eq!(out.code, 2);
     // Own invite is refused.
     assert_eq!(b.cli(&["add", &inv]).code, 6);
+    // Retention: 30 days by default, configurable, bounded.
+    assert_eq!(a.cli(&["retention"]).json[0]["retention_days"], 30);
+    assert_eq!(a.cli(&["retention", "7"]).json[0]["retention_days"], 7);
+    assert_eq!(a.cli(&["retention"]).json[0]["retention_days"], 7);
+    assert_eq!(a.cli(&["retention", "99999"]).code, 2);
 }
 
 fn a_copy(a: &NodeProc, dir: std::path::PathBuf) -> NodeProc {

@@ -779,7 +779,12 @@ async fn store_batch(
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
-    tracing::trace!(stanzas = n_items, ack = ack.is_some(), took_us = t0.elapsed().as_micros() as u64, "stored batch");
+    tracing::trace!(
+        stanzas = n_items,
+        ack = ack.is_some(),
+        took_us = t0.elapsed().as_micros() as u64,
+        "stored batch"
+    );
     session.persisted(res.h);
     for seq in sent {
         let _ = shared.events.send(NodeEvent::Sent { contact, seq });

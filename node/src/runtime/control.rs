@@ -51,6 +51,11 @@ pub enum Request {
         /// Most recent N.
         limit: usize,
     },
+    /// Show or set message retention in days (0 = forever).
+    Retention {
+        /// New value, if setting.
+        days: Option<u32>,
+    },
     /// Node status.
     Status,
     /// Stop the node.
@@ -200,6 +205,9 @@ async fn dispatch(shared: &Arc<Shared>, req: Request, stop: &watch::Sender<bool>
             Request::Send { contact, text } => json(do_send(shared, &contact, &text).await?),
             Request::History { contact, limit } => {
                 json(db(&shared.store, move |s| ops::history(s, &contact, limit)).await??)
+            }
+            Request::Retention { days } => {
+                json(db(&shared.store, move |s| ops::retention(s, days)).await??)
             }
             Request::Status => json(status(shared)),
             Request::Stop => {

@@ -409,7 +409,10 @@ fn main() {
         return;
     }
     if let Ok(f) = tracing_subscriber::EnvFilter::try_from_env("COTERIE_LOG") {
-        tracing_subscriber::fmt().with_env_filter(f).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .with_env_filter(f)
+            .with_writer(std::io::stderr)
+            .init();
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
