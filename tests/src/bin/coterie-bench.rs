@@ -135,14 +135,14 @@ async fn rtt(n: usize) {
             let Ok(m) = cb.next_message().await else {
                 return;
             };
-            if let Some(id) = m.attr("id") {
-                if m.get_child("request", "urn:xmpp:receipts").is_some() {
-                    let r = format!(
-                        "<message to='{to_a}' id='r{id}'><received xmlns='urn:xmpp:receipts' id='{id}'/></message>"
-                    );
-                    if cb.write(&r).await.is_err() {
-                        return;
-                    }
+            if let Some(id) = m.attr("id")
+                && m.get_child("request", "urn:xmpp:receipts").is_some()
+            {
+                let r = format!(
+                    "<message to='{to_a}' id='r{id}'><received xmlns='urn:xmpp:receipts' id='{id}'/></message>"
+                );
+                if cb.write(&r).await.is_err() {
+                    return;
                 }
             }
         }
