@@ -12,6 +12,8 @@ use crate::store::{
 
 /// Longest message body accepted from the user, in bytes.
 pub const MAX_BODY: usize = 16 * 1024;
+/// Largest encoded chat stanza we queue: well under the receiver's 64 KiB limit.
+const MAX_STANZA_FOR_BODY: usize = 60 * 1024;
 
 /// Why an operation failed; each variant maps to a documented exit code.
 #[derive(Debug, thiserror::Error)]
@@ -285,6 +287,19 @@ pub fn send(
             "the message is {} bytes; the limit is {MAX_BODY}",
             text.len()
         )));
+    }
+    if !crate::stream::session::is_xml_text(text) {
+        return Err(OpError::Usage(
+            "the message contains control characters that cannot be sent; remove them and try again".into(),
+        ));
+    }
+    // The receiver's limit applies to the escaped stanza (`&` is 5 bytes on the wire).
+    let wire = crate::stream::session::encode_chat("m18446744073709551615.ffffffff", text)
+        .map(|v| v.len());
+    if wire.is_none_or(|n| n > MAX_STANZA_FOR_BODY) {
+        return Err(OpError::Usage(
+            "the message has too many characters that XML must escape (& < >); shorten it".into(),
+        ));
     }
     let c = find_contact(store, sel)?;
     let m = store.queue_outgoing(c.id, text, now_ms)?;

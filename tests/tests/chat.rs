@@ -168,6 +168,21 @@ fn cli_errors_are_clear_and_have_documented_codes() {
     assert_eq!(out.code, 2);
     // Own invite is refused.
     assert_eq!(b.cli(&["add", &inv]).code, 6);
+    // Text XML cannot carry, or that escapes past the stanza limit, is refused up front.
+    let c = b.cli(&[
+        "add",
+        &a.cli(&["invite", "--ttl", "1h"]).json[0]["invite"]
+            .as_str()
+            .expect("invite")
+            .to_string(),
+        "--name",
+        "alice",
+    ]);
+    assert_eq!(c.code, 0, "{}", c.stderr);
+    let out = b.cli(&["send", "alice", &format!("bell {} rings", '\u{7}')]);
+    assert_eq!(out.code, 2, "a control character is refused");
+    let out = b.cli(&["send", "alice", &"&".repeat(15_000)]);
+    assert_eq!(out.code, 2, "too much escaping is refused");
     // Retention: 30 days by default, configurable, bounded.
     assert_eq!(a.cli(&["retention"]).json[0]["retention_days"], 30);
     assert_eq!(a.cli(&["retention", "7"]).json[0]["retention_days"], 7);

@@ -62,8 +62,6 @@ struct Flow {
 pub(crate) enum ConnCmd {
     /// New stanzas are queued in the store.
     OutboxGrew,
-    /// Close the connection.
-    Close,
 }
 
 fn status_of(e: &RedeemError) -> u8 {
@@ -240,8 +238,15 @@ async fn dialer(shared: Arc<Shared>, contact: u64) {
             return;
         }
         if !shared.is_connected(contact) {
-            let c = db(&shared.store, move |s| s.contact(contact)).await;
-            let Ok(Ok(Some(c))) = c else { return };
+            let c = match db(&shared.store, move |s| s.contact(contact)).await {
+                Ok(Ok(Some(c))) => Some(c),
+                Ok(Ok(None)) => return, // the contact is gone
+                _ => None,              // a passing store error: try again later
+            };
+            let Some(c) = c else {
+                tokio::time::sleep(backoff).await;
+                continue;
+            };
             if matches!(c.state, ContactState::Refused { .. }) {
                 return;
             }
@@ -419,17 +424,19 @@ fn register(
     contact: u64,
     initiator: PeerId,
     carrier: transport::Carrier,
-) -> Option<(u64, mpsc::Receiver<ConnCmd>)> {
+) -> Option<(u64, mpsc::Receiver<ConnCmd>, Arc<tokio::sync::Notify>)> {
     let mut conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(old) = conns.get(&contact) {
         let keep_old = old.initiator != initiator && old.initiator < initiator;
         if keep_old {
             return None;
         }
-        let _ = old.cmd.try_send(ConnCmd::Close);
+        // A stored permit: the old session sees it even if it is busy now.
+        old.close.notify_one();
     }
     let conn_id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
     let (tx, rx) = mpsc::channel(8);
+    let close = Arc::new(tokio::sync::Notify::new());
     conns.insert(
         contact,
         ConnEntry {
@@ -437,11 +444,12 @@ fn register(
             initiator,
             carrier,
             cmd: tx,
+            close: close.clone(),
             since: Instant::now(),
             resumed: false,
         },
     );
-    Some((conn_id, rx))
+    Some((conn_id, rx, close))
 }
 
 fn unregister(shared: &Shared, contact: u64, conn_id: u64) {
@@ -470,7 +478,7 @@ async fn run_session(
 ) {
     let peer = a.peer;
     let carrier = a.carrier;
-    let Some((conn_id, cmd_rx)) = register(&shared, contact, initiator, carrier) else {
+    let Some((conn_id, cmd_rx, close)) = register(&shared, contact, initiator, carrier) else {
         tracing::debug!(peer = %peer.short(), "duplicate connection dropped");
         return;
     };
@@ -485,9 +493,11 @@ async fn run_session(
         return;
     }
     let span = tracing::info_span!("session", peer = %peer.short(), %carrier);
-    let _enter = span.enter();
-    drop(_enter);
-    let result = session_loop(&shared, a, role, contact, conn_id, cmd_rx).await;
+    let result = tracing::Instrument::instrument(
+        session_loop(&shared, a, role, contact, conn_id, cmd_rx, close),
+        span,
+    )
+    .await;
     unregister(&shared, contact, conn_id);
     match &result {
         Ok(()) => tracing::debug!(peer = %peer.short(), "session ended"),
@@ -553,6 +563,7 @@ async fn session_loop(
     contact: u64,
     conn_id: u64,
     cmd_rx: mpsc::Receiver<ConnCmd>,
+    close: Arc<tokio::sync::Notify>,
 ) -> Result<(), String> {
     let peer = a.peer;
     let st = db(&shared.store, move |s| s.peer_state(contact))
@@ -573,7 +584,7 @@ async fn session_loop(
     let (rd, wr) = tokio::io::split(a.io);
     let (wtx, wrx) = mpsc::channel(WRITE_QUEUE);
     let writer = tokio::spawn(writer_task(wr, wrx));
-    let result = read_loop(shared, session, rd, &wtx, contact, conn_id, cmd_rx).await;
+    let result = read_loop(shared, session, rd, &wtx, contact, conn_id, cmd_rx, close).await;
     // Let the writer flush what is queued (a closing tag, a stream error).
     drop(wtx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
@@ -588,23 +599,30 @@ async fn read_loop(
     contact: u64,
     conn_id: u64,
     mut cmd_rx: mpsc::Receiver<ConnCmd>,
+    close: Arc<tokio::sync::Notify>,
 ) -> Result<(), String> {
     // Large reads mean large batches: one store transaction (one fsync) per read.
     let mut buf = vec![0u8; 256 * 1024];
     let mut flow = Flow::default();
     let mut last_rx = Instant::now();
+    let mut last_ping = last_rx;
     let mut shutdown = shared.shutdown.clone();
     write_out(&mut session, wtx)?;
     loop {
-        if let Some(until) = session.throttle_until() {
-            let now = Instant::now();
-            if until > now {
-                tokio::time::sleep(until - now).await;
-            }
-        }
-        let idle = tokio::time::sleep_until((last_rx + IDLE_PING).into());
+        // A peer over its rate is not read until its time comes (back-pressure),
+        // but commands, shutdown and the idle check still run.
+        let throttle = session.throttle_until().filter(|t| *t > Instant::now());
+        let paused = throttle.is_some();
+        let resume = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now).into());
+        let idle = tokio::time::sleep_until((last_rx.max(last_ping) + IDLE_PING).into());
         tokio::select! {
-            r = rd.read(&mut buf) => {
+            _ = resume, if paused => {}
+            () = close.notified() => {
+                session.close();
+                let _ = write_out(&mut session, wtx);
+                return Ok(());
+            }
+            r = rd.read(&mut buf), if !paused => {
                 let mut n = r.map_err(|e| e.to_string())?;
                 if n == 0 {
                     return Err("connection closed by peer".into());
@@ -647,7 +665,7 @@ async fn read_loop(
             }
             cmd = cmd_rx.recv() => match cmd {
                 Some(ConnCmd::OutboxGrew) => send_outbox(shared, &mut session, contact, &mut flow).await?,
-                Some(ConnCmd::Close) | None => {
+                None => {
                     session.close();
                     let _ = write_out(&mut session, wtx);
                     return Ok(());
@@ -657,6 +675,7 @@ async fn read_loop(
                 if last_rx.elapsed() >= IDLE_DEAD {
                     return Err("peer silent for too long".into());
                 }
+                last_ping = Instant::now();
                 session.request_ack();
             }
             _ = shutdown.changed() => {

@@ -84,6 +84,7 @@ pub(crate) struct ConnEntry {
     pub(crate) initiator: PeerId,
     pub(crate) carrier: Carrier,
     pub(crate) cmd: mpsc::Sender<conn::ConnCmd>,
+    pub(crate) close: Arc<Notify>,
     pub(crate) since: Instant,
     pub(crate) resumed: bool,
 }
@@ -456,10 +457,10 @@ impl Node {
         }
         let conns: Vec<_> = {
             let c = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
-            c.values().map(|e| e.cmd.clone()).collect()
+            c.values().map(|e| e.close.clone()).collect()
         };
         for c in conns {
-            let _ = c.try_send(conn::ConnCmd::Close);
+            c.notify_one();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.tasks.shutdown().await;

@@ -377,12 +377,23 @@ impl Store {
             .unwrap_or(1))
     }
 
-    /// Adds a contact; `id` in `c` is ignored and the new id returned.
+    /// Adds a contact; `id` in `c` is ignored and the new id returned. The
+    /// key is checked in the same transaction: one key, one contact.
     pub fn add_contact(&self, mut c: Contact) -> Result<u64, StoreError> {
         let tx = self.db.begin_write().ctx("write")?;
         let id;
         {
             let mut t = tx.open_table(CONTACTS).ctx("open contacts")?;
+            for row in t.iter().ctx("list contacts")? {
+                let (k, v) = row.ctx("list contacts")?;
+                let existing: Contact = self.open_json("contacts", &k64(k.value()), v.value())?;
+                if existing.peer == c.peer {
+                    return Err(StoreError::new(
+                        "add contact",
+                        "this key is already a contact",
+                    ));
+                }
+            }
             id = Self::next_contact_id(&t)?;
             c.id = id;
             self.put_contact(&mut t, &c)?;

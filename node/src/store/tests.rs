@@ -79,6 +79,14 @@ fn second_open_while_in_use_is_reported() {
 }
 
 #[test]
+fn one_key_is_one_contact() {
+    let (_d, s) = new_store();
+    s.add_contact(contact(1)).expect("add");
+    assert!(s.add_contact(contact(1)).is_err());
+    assert_eq!(s.contacts().expect("list").len(), 1);
+}
+
+#[test]
 fn outgoing_messages_go_queued_sent_delivered() {
     let (_d, s) = new_store();
     let c = s.add_contact(contact(1)).expect("add");

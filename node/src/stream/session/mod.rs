@@ -139,6 +139,9 @@ pub struct Session {
     /// Stanzas the driver confirmed as stored.
     durable_h: u64,
     out_acked: u64,
+    /// Our stanzas the peer can have counted: its `h` at resumption plus
+    /// what we sent since. An ack above this is a protocol violation.
+    out_sent: u64,
     tokens: f64,
     last_refill: Instant,
     throttle_until: Option<Instant>,
@@ -152,13 +155,31 @@ pub fn unwrap_h(floor: u64, wire: u32) -> u64 {
     floor + u64::from(wire.wrapping_sub(floor as u32))
 }
 
-fn write_el(el: &Element) -> Vec<u8> {
+/// Serializes an element. Callers make sure its text is XML-safe (see
+/// [`is_xml_text`]): minidom panics on text that is not.
+fn write_el(el: &Element) -> Option<Vec<u8>> {
     let mut v = Vec::with_capacity(256);
-    // Writing to a Vec cannot fail for a well-formed Element.
-    if el.write_to(&mut v).is_err() {
-        v.clear();
+    el.write_to(&mut v).ok().map(|()| v)
+}
+
+/// Whether `text` can travel in XML 1.0 character data (RFC 6120 §11.1).
+pub fn is_xml_text(text: &str) -> bool {
+    text.chars().all(|c| matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..))
+}
+
+/// The chat stanza for `body`, as it goes on the wire before padding; `None`
+/// if the body cannot be carried in XML.
+pub fn encode_chat(id: &str, body: &str) -> Option<Vec<u8>> {
+    // minidom panics on text XML cannot carry: check first.
+    if !is_xml_text(body) || !is_xml_text(id) {
+        return None;
     }
-    v
+    let mut m = Message::new(None);
+    m.type_ = MessageType::Chat;
+    m.id = Some(xmpp_parsers::message::Id(id.to_string()));
+    m.bodies.insert(Lang::default(), body.to_string());
+    m.payloads.push(Element::from(Request));
+    write_el(&Element::from(m))
 }
 
 impl Session {
@@ -171,6 +192,7 @@ impl Session {
             counted_h: p.in_h,
             durable_h: p.in_h,
             out_acked: p.out_acked,
+            out_sent: p.out_acked,
             tokens: p.rate.burst,
             last_refill: now,
             throttle_until: None,
@@ -315,6 +337,10 @@ impl Session {
                     self.sent_close = true;
                 }
                 self.phase = Phase::Closed;
+                // Stanzas that came before the close are stored first.
+                if !batch.is_empty() {
+                    events.push(Event::Stanzas(std::mem::take(batch)));
+                }
                 events.push(Event::Closed);
                 Ok(())
             }
@@ -347,6 +373,9 @@ impl Session {
                     .take(40)
                     .collect();
                 self.phase = Phase::Closed;
+                if !batch.is_empty() {
+                    events.push(Event::Stanzas(std::mem::take(batch)));
+                }
                 events.push(Event::PeerError(cond));
                 Ok(())
             }
@@ -375,6 +404,7 @@ impl Session {
                     });
                 }
                 let peer_h = unwrap_h(self.out_acked, r.h);
+                self.out_sent = self.out_sent.max(peer_h);
                 let resp = sm::Resumed {
                     h: self.durable_h as u32,
                     previd: sm::StreamId(self.p.session_id.clone()),
@@ -394,6 +424,7 @@ impl Session {
                     });
                 }
                 let peer_h = unwrap_h(self.out_acked, r.h);
+                self.out_sent = self.out_sent.max(peer_h);
                 self.phase = Phase::Open;
                 self.out_acked = self.out_acked.max(peer_h);
                 events.push(Event::Resumed { peer_h });
@@ -402,6 +433,12 @@ impl Session {
             (Phase::Open, NS_SM, "a") => {
                 let a: sm::A = xso::transform(&el).map_err(|_| bad("malformed ack"))?;
                 let h = unwrap_h(self.out_acked, a.h);
+                if h > self.out_sent {
+                    return Err(StreamFault {
+                        condition: Condition::PolicyViolation,
+                        detail: "ack for stanzas never sent",
+                    });
+                }
                 if h > self.out_acked {
                     self.out_acked = h;
                     // Flush any stanzas counted so far so the order of events is kept.
@@ -469,21 +506,26 @@ impl Session {
         if self.phase != Phase::Open {
             return;
         }
-        let mut m = Message::new(None);
-        m.from = None;
-        match stanza {
-            OutStanza::Chat { id, body, .. } => {
-                m.type_ = MessageType::Chat;
-                m.id = Some(xmpp_parsers::message::Id(id.clone()));
-                m.bodies.insert(Lang::default(), body.clone());
-                m.payloads.push(Element::from(Request));
-            }
+        let unit = match stanza {
+            OutStanza::Chat { id, body, .. } => encode_chat(id, body),
             OutStanza::Receipt { id, of } => {
+                let mut m = Message::new(None);
                 m.id = Some(xmpp_parsers::message::Id(id.clone()));
                 m.payloads.push(Element::from(Received { id: of.clone() }));
+                write_el(&Element::from(m))
             }
-        }
-        self.queue(write_el(&Element::from(m)));
+        };
+        // A stanza that cannot be encoded (only possible for data stored by
+        // an older version) still goes out as an empty message, so both
+        // sides keep counting the same stanzas (XEP-0198 `h`).
+        let unit = unit.unwrap_or_else(|| {
+            tracing::warn!(
+                "a queued stanza could not be encoded; sending an empty one in its place"
+            );
+            format!("<message xmlns='{NS_CLIENT}'/>").into_bytes()
+        });
+        self.out_sent += 1;
+        self.queue(unit);
     }
 
     /// Asks the peer for an ack.
@@ -506,7 +548,9 @@ impl Session {
                     .build(),
             );
         }
-        self.queue(write_el(&el));
+        if let Some(unit) = write_el(&el) {
+            self.queue(unit);
+        }
     }
 
     /// Closes the stream cleanly.

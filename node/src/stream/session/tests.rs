@@ -310,3 +310,62 @@ proptest! {
         let _ = b.handle_input(&data, now);
     }
 }
+
+#[test]
+fn an_ack_for_stanzas_never_sent_is_refused() {
+    let now = Instant::now();
+    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+    let mut b = Session::new(params(Role::Responder, 0, 0), now);
+    handshake(&mut a, &mut b, now);
+    a.send(&chat(1));
+    pump(&mut a, &mut b, now);
+    let ev = a.handle_input(b"<a xmlns='urn:xmpp:sm:3' h='5'/>", now);
+    assert!(
+        matches!(ev.as_slice(), [Event::Fault(f)] if f.condition == Condition::PolicyViolation),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn stanzas_before_a_close_are_handed_over_first() {
+    let now = Instant::now();
+    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+    let mut b = Session::new(params(Role::Responder, 0, 0), now);
+    handshake(&mut a, &mut b, now);
+    a.send(&chat(1));
+    a.close();
+    let eb = pump(&mut a, &mut b, now);
+    assert!(
+        matches!(eb.as_slice(), [Event::Stanzas(items), Event::Closed] if items.len() == 1),
+        "{eb:?}"
+    );
+}
+
+#[test]
+fn an_unencodable_stanza_still_counts_as_one() {
+    let now = Instant::now();
+    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+    let mut b = Session::new(params(Role::Responder, 0, 0), now);
+    handshake(&mut a, &mut b, now);
+    a.send(&OutStanza::Chat {
+        id: "m1.0".into(),
+        body: "bell \u{7} and \u{FFFF}".into(),
+        seq: 1,
+    });
+    a.send(&chat(2));
+    let eb = pump(&mut a, &mut b, now);
+    let [Event::Stanzas(items)] = eb.as_slice() else {
+        panic!("{eb:?}")
+    };
+    assert_eq!(items.len(), 2, "the placeholder keeps the count aligned");
+    assert!(matches!(&items[0], Incoming::Other));
+    assert!(matches!(&items[1], Incoming::Chat { body, .. } if body == "body 2"));
+}
+
+#[test]
+fn xml_text_check() {
+    assert!(is_xml_text("hello\tworld\n\u{e9}\u{1F600}"));
+    assert!(!is_xml_text("bell\u{7}"));
+    assert!(!is_xml_text("\u{FFFE}"));
+    assert!(!is_xml_text("nul\u{0}"));
+}
