@@ -584,11 +584,19 @@ async fn session_loop(
     let (rd, wr) = tokio::io::split(a.io);
     let (wtx, wrx) = mpsc::channel(WRITE_QUEUE);
     let writer = tokio::spawn(writer_task(wr, wrx));
-    let result = read_loop(shared, session, rd, &wtx, contact, conn_id, cmd_rx, close).await;
+    let ids = Ids { contact, conn_id };
+    let result = read_loop(shared, session, rd, &wtx, ids, cmd_rx, close).await;
     // Let the writer flush what is queued (a closing tag, a stream error).
     drop(wtx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     result
+}
+
+/// Which contact and which connection a session loop serves.
+#[derive(Debug, Clone, Copy)]
+struct Ids {
+    contact: u64,
+    conn_id: u64,
 }
 
 async fn read_loop(
@@ -596,11 +604,11 @@ async fn read_loop(
     mut session: Session,
     mut rd: impl AsyncReadExt + Unpin,
     wtx: &mpsc::Sender<Vec<u8>>,
-    contact: u64,
-    conn_id: u64,
+    ids: Ids,
     mut cmd_rx: mpsc::Receiver<ConnCmd>,
     close: Arc<tokio::sync::Notify>,
 ) -> Result<(), String> {
+    let Ids { contact, conn_id } = ids;
     // Large reads mean large batches: one store transaction (one fsync) per read.
     let mut buf = vec![0u8; 256 * 1024];
     let mut flow = Flow::default();
