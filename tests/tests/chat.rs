@@ -169,15 +169,8 @@ fn cli_errors_are_clear_and_have_documented_codes() {
     // Own invite is refused.
     assert_eq!(b.cli(&["add", &inv]).code, 6);
     // Text XML cannot carry, or that escapes past the stanza limit, is refused up front.
-    let c = b.cli(&[
-        "add",
-        &a.cli(&["invite", "--ttl", "1h"]).json[0]["invite"]
-            .as_str()
-            .expect("invite")
-            .to_string(),
-        "--name",
-        "alice",
-    ]);
+    let a_invite = a.cli(&["invite", "--ttl", "1h"]).json[0]["invite"].clone();
+    let c = b.cli(&["add", a_invite.as_str().expect("invite"), "--name", "alice"]);
     assert_eq!(c.code, 0, "{}", c.stderr);
     let out = b.cli(&["send", "alice", &format!("bell {} rings", '\u{7}')]);
     assert_eq!(out.code, 2, "a control character is refused");
