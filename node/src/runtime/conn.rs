@@ -290,12 +290,27 @@ fn refused_by_peer(msg: &str) -> bool {
 
 async fn mark_refused(shared: &Arc<Shared>, id: u64, reason: &str) -> Result<(), String> {
     tracing::warn!(contact = id, "invite refused: {reason}");
-    let reason = reason.to_string();
+    set_contact_state(
+        shared,
+        id,
+        ContactState::Refused {
+            reason: reason.to_string(),
+        },
+    )
+    .await
+}
+
+/// Records a contact's new lifecycle state and refreshes the TLS policy.
+async fn set_contact_state(
+    shared: &Arc<Shared>,
+    id: u64,
+    state: ContactState,
+) -> Result<(), String> {
     db(
         &shared.store,
         move |s| -> Result<(), crate::store::StoreError> {
             if let Some(mut c) = s.contact(id)? {
-                c.state = ContactState::Refused { reason };
+                c.state = state;
                 s.update_contact(&c)?;
             }
             Ok(())
@@ -365,20 +380,7 @@ async fn dial_once(shared: &Arc<Shared>, c: &Contact, addrs: &[PeerAddr]) -> Res
                             }
                         };
                         let accepted = new_state == ContactState::Active;
-                        db(
-                            &shared.store,
-                            move |s| -> Result<(), crate::store::StoreError> {
-                                if let Some(mut c) = s.contact(id)? {
-                                    c.state = new_state;
-                                    s.update_contact(&c)?;
-                                }
-                                Ok(())
-                            },
-                        )
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
-                        shared.refresh_policy().await;
+                        set_contact_state(shared, id, new_state).await?;
                         if !accepted {
                             return Err("invite refused".into());
                         }

@@ -397,38 +397,17 @@ impl Session {
             }
             (Phase::AwaitResume, NS_SM, "resume") => {
                 let r: sm::Resume = xso::transform(&el).map_err(|_| bad("malformed resume"))?;
-                if r.previd.0 != self.p.session_id {
-                    return Err(StreamFault {
-                        condition: Condition::PolicyViolation,
-                        detail: "unknown session id",
-                    });
-                }
-                let peer_h = unwrap_h(self.out_acked, r.h);
-                self.out_sent = self.out_sent.max(peer_h);
                 let resp = sm::Resumed {
                     h: self.durable_h as u32,
                     previd: sm::StreamId(self.p.session_id.clone()),
                 };
+                self.open_with(&r.previd.0, r.h, events)?;
                 self.queue(xso::to_vec(&resp).unwrap_or_default());
-                self.phase = Phase::Open;
-                self.out_acked = self.out_acked.max(peer_h);
-                events.push(Event::Resumed { peer_h });
                 Ok(())
             }
             (Phase::AwaitResumed, NS_SM, "resumed") => {
                 let r: sm::Resumed = xso::transform(&el).map_err(|_| bad("malformed resumed"))?;
-                if r.previd.0 != self.p.session_id {
-                    return Err(StreamFault {
-                        condition: Condition::PolicyViolation,
-                        detail: "unknown session id",
-                    });
-                }
-                let peer_h = unwrap_h(self.out_acked, r.h);
-                self.out_sent = self.out_sent.max(peer_h);
-                self.phase = Phase::Open;
-                self.out_acked = self.out_acked.max(peer_h);
-                events.push(Event::Resumed { peer_h });
-                Ok(())
+                self.open_with(&r.previd.0, r.h, events)
             }
             (Phase::Open, NS_SM, "a") => {
                 let a: sm::A = xso::transform(&el).map_err(|_| bad("malformed ack"))?;
@@ -473,6 +452,28 @@ impl Session {
             }
             _ => Err(unexpected),
         }
+    }
+
+    /// The peer's `<resume/>` or `<resumed/>`: checks the session id and
+    /// opens the stream with the peer's `h`.
+    fn open_with(
+        &mut self,
+        previd: &str,
+        wire_h: u32,
+        events: &mut Vec<Event>,
+    ) -> Result<(), StreamFault> {
+        if previd != self.p.session_id {
+            return Err(StreamFault {
+                condition: Condition::PolicyViolation,
+                detail: "unknown session id",
+            });
+        }
+        let peer_h = unwrap_h(self.out_acked, wire_h);
+        self.out_sent = self.out_sent.max(peer_h);
+        self.out_acked = self.out_acked.max(peer_h);
+        self.phase = Phase::Open;
+        events.push(Event::Resumed { peer_h });
+        Ok(())
     }
 
     fn phase_ref(&self) -> &Phase {
