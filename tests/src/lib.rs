@@ -289,6 +289,17 @@ impl NodeProc {
             .unwrap_or(false)
     }
 
+    /// The node's key, as `coterie id` reports it.
+    pub fn key(&self) -> transport::PeerId {
+        let out = self.cli(&["id"]);
+        let onion = out
+            .json
+            .first()
+            .and_then(|v| v["onion"].as_str())
+            .unwrap_or_else(|| panic!("id failed: {}", out.stderr));
+        transport::PeerId::from_onion(onion).expect("a valid onion address")
+    }
+
     /// The log so far.
     pub fn log_text(&self) -> String {
         let mut s = String::new();
@@ -342,6 +353,16 @@ pub fn introduce(a: &NodeProc, b: &NodeProc) {
             (a.connected_to(&b.name) && b.connected_to(&a.name)).then_some(())
         },
     );
+}
+
+/// Two running nodes, `alice` and `bob`, introduced to each other.
+pub fn running_pair(root: &Path) -> (NodeProc, NodeProc) {
+    let mut a = NodeProc::init(root, "alice");
+    let mut b = NodeProc::init(root, "bob");
+    a.start();
+    b.start();
+    introduce(&a, &b);
+    (a, b)
 }
 
 /// Texts and states of the history with `contact`, oldest first.

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use coterie_tests::{NodeProc, introduce, wait_for};
+use coterie_tests::{NodeProc, running_pair, wait_for};
 use rand::Rng;
 use serde_json::json;
 
@@ -32,11 +32,7 @@ fn acked(n: &NodeProc, contact: &str) -> Vec<String> {
 #[test]
 fn receiver_killed_during_bursts_loses_and_duplicates_nothing() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut alice = NodeProc::init(tmp.path(), "alice");
-    let mut bob = NodeProc::init(tmp.path(), "bob");
-    alice.start();
-    bob.start();
-    introduce(&alice, &bob);
+    let (alice, mut bob) = running_pair(tmp.path());
     let seed: u64 = rand::random();
     eprintln!("seed {seed}");
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);

@@ -6,31 +6,19 @@
 use std::time::Duration;
 
 use coterie_tests::raw::RawPeer;
-use coterie_tests::{NodeProc, introduce, wait_for};
+use coterie_tests::{NodeProc, running_pair, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use transport::{PeerAddr, PeerId};
+use transport::PeerAddr;
 
 fn stat(n: &NodeProc, k: &str) -> u64 {
     n.status()["stats"][k].as_u64().expect("stat")
 }
 
-fn node_key(n: &NodeProc) -> PeerId {
-    let onion = n.cli(&["id"]).json[0]["onion"]
-        .as_str()
-        .expect("onion")
-        .to_string();
-    PeerId::from_onion(&onion).expect("key")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_key_is_refused_in_the_handshake_on_tcp_and_quic() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut a = NodeProc::init(tmp.path(), "alice");
-    let mut b = NodeProc::init(tmp.path(), "bob");
-    a.start();
-    b.start();
-    introduce(&a, &b);
-    let key = node_key(&a);
+    let (a, b) = running_pair(tmp.path());
+    let key = a.key();
     let xml_before = stat(&a, "xml_bytes_in");
     let refused_before = stat(&a, "tls_refused");
     let stranger = RawPeer::new();
@@ -84,7 +72,7 @@ async fn with_an_open_invite_a_stranger_stops_at_the_preface() {
     let tmp = tempfile::tempdir().expect("tmp");
     let mut a = NodeProc::init(tmp.path(), "alice");
     a.start();
-    let key = node_key(&a);
+    let key = a.key();
     let uri = a.invite();
     let xml_before = stat(&a, "xml_bytes_in");
     let stranger = RawPeer::new();

@@ -5,12 +5,7 @@
 use std::time::{Duration, Instant};
 
 use coterie_tests::raw::RawPeer;
-use coterie_tests::{NodeProc, introduce, texts, wait_for};
-use transport::PeerId;
-
-fn node_key(n: &NodeProc) -> PeerId {
-    PeerId::from_onion(n.cli(&["id"]).json[0]["onion"].as_str().expect("onion")).expect("key")
-}
+use coterie_tests::{NodeProc, running_pair, texts, wait_for};
 
 fn round_trip(from: &NodeProc, to: &NodeProc, body: &str) -> Duration {
     let t = Instant::now();
@@ -31,14 +26,10 @@ fn round_trip(from: &NodeProc, to: &NodeProc, body: &str) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_corpus_closes_only_the_offending_stream() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut alice = NodeProc::init(tmp.path(), "alice");
-    let mut bob = NodeProc::init(tmp.path(), "bob");
-    alice.start();
-    bob.start();
-    introduce(&alice, &bob);
+    let (mut alice, bob) = running_pair(tmp.path());
     round_trip(&bob, &alice, "before the attack");
 
-    let key = node_key(&alice);
+    let key = alice.key();
     let evil = RawPeer::new();
     let (mut conn, status) = evil.redeem(&alice.invite(), alice.port).await;
     assert_eq!(status, 0);

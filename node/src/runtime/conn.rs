@@ -57,6 +57,35 @@ struct Flow {
     acked: u64,
 }
 
+/// A store operation from connection code, off the async threads; errors
+/// become the text the session logs when it ends.
+async fn store_op<T: Send + 'static>(
+    shared: &Shared,
+    f: impl FnOnce(&crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, String> {
+    db(&shared.store, f)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Changes a contact record in place; `f` returns whether anything changed.
+async fn edit_contact(
+    shared: &Shared,
+    id: u64,
+    f: impl FnOnce(&mut Contact) -> bool + Send + 'static,
+) -> Result<(), String> {
+    store_op(shared, move |s| {
+        if let Some(mut c) = s.contact(id)?
+            && f(&mut c)
+        {
+            s.update_contact(&c)?;
+        }
+        Ok(())
+    })
+    .await
+}
+
 /// Commands to a session task.
 #[derive(Debug)]
 pub(crate) enum ConnCmd {
@@ -129,10 +158,7 @@ async fn inbound(shared: Arc<Shared>, mut a: Authenticated) -> Result<(), String
             let Some(id) = known else {
                 return Err(reject("session from a non-contact"));
             };
-            let c = db(&shared.store, move |s| s.contact(id))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+            let c = store_op(&shared, move |s| s.contact(id)).await?;
             match c {
                 Some(c) if c.state == ContactState::Active => c.id,
                 _ => return Err(reject("session from a contact that is not active")),
@@ -178,7 +204,7 @@ async fn redeem_inbound(
         last_carrier: None,
     };
     let now = crate::ops::now_secs();
-    let res = db(&shared.store, move |s| {
+    let res = store_op(shared, move |s| {
         s.redeem_invite(
             &invite_id,
             now,
@@ -186,9 +212,7 @@ async fn redeem_inbound(
             contact,
         )
     })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    .await?;
     let status = match &res {
         Ok(_) => 0,
         Err(e) => status_of(e),
@@ -306,19 +330,11 @@ async fn set_contact_state(
     id: u64,
     state: ContactState,
 ) -> Result<(), String> {
-    db(
-        &shared.store,
-        move |s| -> Result<(), crate::store::StoreError> {
-            if let Some(mut c) = s.contact(id)? {
-                c.state = state;
-                s.update_contact(&c)?;
-            }
-            Ok(())
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    edit_contact(shared, id, move |c| {
+        c.state = state;
+        true
+    })
+    .await?;
     shared.refresh_policy().await;
     Ok(())
 }
@@ -342,10 +358,7 @@ async fn dial_once(shared: &Arc<Shared>, c: &Contact, addrs: &[PeerAddr]) -> Res
                 match &c.state {
                     ContactState::Redeeming { invite_id, secret } => {
                         let proof = redeem_proof(secret, &peer, &shared.me, &a.channel_binding);
-                        let name = db(&shared.store, |s| s.profile().map(|p| p.name))
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .map_err(|e| e.to_string())?;
+                        let name = store_op(shared, |s| s.profile().map(|p| p.name)).await?;
                         let mut pre = Vec::with_capacity(PREFACE_LEN);
                         pre.extend_from_slice(MAGIC);
                         pre.push(MODE_REDEEM);
@@ -507,17 +520,11 @@ async fn run_session(
     }
     let now = crate::ops::now_secs();
     let c = carrier.to_string();
-    let _ = db(
-        &shared.store,
-        move |s| -> Result<(), crate::store::StoreError> {
-            if let Some(mut ct) = s.contact(contact)? {
-                ct.last_seen = Some(now);
-                ct.last_carrier = Some(c);
-                s.update_contact(&ct)?;
-            }
-            Ok(())
-        },
-    )
+    let _ = edit_contact(&shared, contact, move |ct| {
+        ct.last_seen = Some(now);
+        ct.last_carrier = Some(c);
+        true
+    })
     .await;
     let _ = shared
         .events
@@ -568,10 +575,7 @@ async fn session_loop(
     close: Arc<tokio::sync::Notify>,
 ) -> Result<(), String> {
     let peer = a.peer;
-    let st = db(&shared.store, move |s| s.peer_state(contact))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let st = store_op(shared, move |s| s.peer_state(contact)).await?;
     let params = Params {
         role,
         local: shared.me.onion_address(),
@@ -711,10 +715,7 @@ async fn handle_event(
 ) -> Result<(), String> {
     match ev {
         Event::Resumed { peer_h } => {
-            let sent = db(&shared.store, move |s| s.ack_outgoing(contact, peer_h))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+            let sent = store_op(shared, move |s| s.ack_outgoing(contact, peer_h)).await?;
             for seq in sent {
                 let _ = shared.events.send(NodeEvent::Sent { contact, seq });
             }
@@ -742,10 +743,7 @@ async fn handle_event(
         Event::Stanzas(items) => store_batch(shared, session, contact, flow, None, items).await?,
         Event::Acked(h) => {
             tracing::trace!(h, "ack");
-            let sent = db(&shared.store, move |s| s.ack_outgoing(contact, h))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+            let sent = store_op(shared, move |s| s.ack_outgoing(contact, h)).await?;
             for seq in sent {
                 let _ = shared.events.send(NodeEvent::Sent { contact, seq });
             }
@@ -763,21 +761,12 @@ async fn handle_event(
                     )
                 })
                 .collect();
-            db(
-                &shared.store,
-                move |s| -> Result<(), crate::store::StoreError> {
-                    if let Some(mut c) = s.contact(contact)?
-                        && c.addrs != valid
-                    {
-                        c.addrs = valid;
-                        s.update_contact(&c)?;
-                    }
-                    Ok(())
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            edit_contact(shared, contact, move |c| {
+                let changed = c.addrs != valid;
+                c.addrs = valid;
+                changed
+            })
+            .await?;
         }
         Event::Closed => return Err("peer closed the stream".into()),
         Event::PeerError(cond) => return Err(format!("peer sent stream error {cond}")),
@@ -802,12 +791,10 @@ async fn store_batch(
     let now = crate::ops::now_ms();
     let n_items = items.len();
     let t0 = Instant::now();
-    let (sent, res) = db(&shared.store, move |s| {
+    let (sent, res) = store_op(shared, move |s| {
         s.ack_and_receive(contact, ack, &items, now)
     })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    .await?;
     tracing::trace!(
         stanzas = n_items,
         ack = ack.is_some(),
@@ -851,12 +838,10 @@ async fn send_outbox(
     if !session.is_open() || room == 0 || (in_flight && room < WINDOW / 2) {
         return Ok(());
     }
-    let items = db(&shared.store, move |s| {
+    let items = store_op(shared, move |s| {
         s.outbox_after(contact, after, room as usize)
     })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    .await?;
     for (n, st) in items {
         session.send(&st);
         flow.sent = Some(n);

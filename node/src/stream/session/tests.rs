@@ -52,6 +52,14 @@ fn handshake(a: &mut Session, b: &mut Session, now: Instant) -> (Vec<Event>, Vec
     (ea, eb)
 }
 
+/// An initiator and a responder, both fresh, with the stream resumed.
+fn open_pair(now: Instant) -> (Session, Session) {
+    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
+    let mut b = Session::new(params(Role::Responder, 0, 0), now);
+    handshake(&mut a, &mut b, now);
+    (a, b)
+}
+
 fn chat(n: u64) -> OutStanza {
     OutStanza::Chat {
         id: format!("m{n}.00000000"),
@@ -80,9 +88,7 @@ fn handshake_resumes_with_both_counters() {
 #[test]
 fn stanzas_flow_and_are_acked_only_after_persisting() {
     let now = Instant::now();
-    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
-    let mut b = Session::new(params(Role::Responder, 0, 0), now);
-    handshake(&mut a, &mut b, now);
+    let (mut a, mut b) = open_pair(now);
     for n in 1..=3 {
         a.send(&chat(n));
     }
@@ -104,9 +110,7 @@ fn stanzas_flow_and_are_acked_only_after_persisting() {
 #[test]
 fn receipts_round_trip() {
     let now = Instant::now();
-    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
-    let mut b = Session::new(params(Role::Responder, 0, 0), now);
-    handshake(&mut a, &mut b, now);
+    let (mut a, mut b) = open_pair(now);
     b.send(&OutStanza::Receipt {
         id: "r1".into(),
         of: "m1.00000000".into(),
@@ -121,9 +125,7 @@ fn receipts_round_trip() {
 #[test]
 fn r_is_answered_with_the_durable_count() {
     let now = Instant::now();
-    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
-    let mut b = Session::new(params(Role::Responder, 0, 0), now);
-    handshake(&mut a, &mut b, now);
+    let (mut a, mut b) = open_pair(now);
     a.send(&chat(1));
     pump(&mut a, &mut b, now);
     a.request_ack();
@@ -190,9 +192,7 @@ fn stanza_before_resumption_is_refused() {
 #[test]
 fn malformed_input_queues_a_stream_error_and_closes() {
     let now = Instant::now();
-    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
-    let mut b = Session::new(params(Role::Responder, 0, 0), now);
-    handshake(&mut a, &mut b, now);
+    let (_a, mut b) = open_pair(now);
     let ev = b.handle_input(b"<message><body>\xff\xfe</body></message>", now);
     assert!(matches!(ev.last(), Some(Event::Fault(f)) if f.condition == Condition::NotWellFormed));
     let mut wire = Vec::new();
@@ -233,9 +233,7 @@ fn a_flood_is_throttled() {
 #[test]
 fn clean_close_is_reported() {
     let now = Instant::now();
-    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
-    let mut b = Session::new(params(Role::Responder, 0, 0), now);
-    handshake(&mut a, &mut b, now);
+    let (mut a, mut b) = open_pair(now);
     a.close();
     let eb = pump(&mut a, &mut b, now);
     assert!(matches!(eb.as_slice(), [Event::Closed]));
@@ -245,9 +243,7 @@ fn clean_close_is_reported() {
 #[test]
 fn addresses_are_announced_and_bounded() {
     let now = Instant::now();
-    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
-    let mut b = Session::new(params(Role::Responder, 0, 0), now);
-    handshake(&mut a, &mut b, now);
+    let (mut a, mut b) = open_pair(now);
     let many: Vec<String> = (0..20)
         .map(|i| format!("tcp:127.0.0.1:{}", 1000 + i))
         .collect();
@@ -263,9 +259,7 @@ fn addresses_are_announced_and_bounded() {
 #[test]
 fn hostile_text_in_bodies_is_escaped_on_the_wire() {
     let now = Instant::now();
-    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
-    let mut b = Session::new(params(Role::Responder, 0, 0), now);
-    handshake(&mut a, &mut b, now);
+    let (mut a, mut b) = open_pair(now);
     let nasty = "</body></message></stream:stream><message><body>injected";
     a.send(&OutStanza::Chat {
         id: "m1.0".into(),
@@ -314,9 +308,7 @@ proptest! {
 #[test]
 fn an_ack_for_stanzas_never_sent_is_refused() {
     let now = Instant::now();
-    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
-    let mut b = Session::new(params(Role::Responder, 0, 0), now);
-    handshake(&mut a, &mut b, now);
+    let (mut a, mut b) = open_pair(now);
     a.send(&chat(1));
     pump(&mut a, &mut b, now);
     let ev = a.handle_input(b"<a xmlns='urn:xmpp:sm:3' h='5'/>", now);
@@ -329,9 +321,7 @@ fn an_ack_for_stanzas_never_sent_is_refused() {
 #[test]
 fn stanzas_before_a_close_are_handed_over_first() {
     let now = Instant::now();
-    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
-    let mut b = Session::new(params(Role::Responder, 0, 0), now);
-    handshake(&mut a, &mut b, now);
+    let (mut a, mut b) = open_pair(now);
     a.send(&chat(1));
     a.close();
     let eb = pump(&mut a, &mut b, now);
@@ -344,9 +334,7 @@ fn stanzas_before_a_close_are_handed_over_first() {
 #[test]
 fn an_unencodable_stanza_still_counts_as_one() {
     let now = Instant::now();
-    let mut a = Session::new(params(Role::Initiator, 0, 0), now);
-    let mut b = Session::new(params(Role::Responder, 0, 0), now);
-    handshake(&mut a, &mut b, now);
+    let (mut a, mut b) = open_pair(now);
     a.send(&OutStanza::Chat {
         id: "m1.0".into(),
         body: "bell \u{7} and \u{FFFF}".into(),
