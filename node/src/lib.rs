@@ -1,5 +1,6 @@
 //! # coterie-node
 pub mod invite;
+pub mod omemo;
 pub mod ops;
 pub mod runtime;
 pub mod store;
