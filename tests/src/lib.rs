@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod c2s;
+pub mod omemo_peer;
 pub mod prosody;
 pub mod raw;
 
