@@ -25,6 +25,7 @@ pub fn python() -> PathBuf {
 }
 
 /// A running python-omemo device.
+#[allow(missing_debug_implementations)]
 pub struct PyPeer {
     child: Child,
     stdin: ChildStdin,
@@ -171,6 +172,7 @@ impl Drop for PyPeer {
 
 /// A Rust OMEMO device (the implementation under test), with its sessions
 /// per (peer JID, version).
+#[allow(missing_debug_implementations)]
 pub struct RustDevice {
     /// Bare JID.
     pub jid: String,

@@ -18,6 +18,7 @@
 pub mod device;
 pub mod keys;
 pub mod payload;
+pub mod pep;
 pub mod proto;
 pub mod ratchet;
 pub mod sce;

@@ -26,6 +26,7 @@ use transport::{Authenticated, PeerAddr, PeerId};
 
 use super::{ConnEntry, NodeEvent, Shared, db};
 use crate::invite::{check_proof, redeem_proof, valid_name};
+use crate::store::OmemoCtx;
 use crate::store::{Contact, ContactState, RedeemError};
 use crate::stream::session::{Event, Params, Role, Session};
 
@@ -55,6 +56,10 @@ struct Flow {
     sent: Option<u64>,
     /// Our stanzas up to this number were acknowledged.
     acked: u64,
+    /// OMEMO context of this conversation.
+    ctx: Option<OmemoCtx>,
+    /// A queued chat waits for a trusted device's bundle.
+    waiting: bool,
 }
 
 /// A store operation from connection code, off the async threads; errors
@@ -590,7 +595,11 @@ async fn session_loop(
     let (rd, wr) = tokio::io::split(a.io);
     let (wtx, wrx) = mpsc::channel(WRITE_QUEUE);
     let writer = tokio::spawn(writer_task(wr, wrx));
-    let ids = Ids { contact, conn_id };
+    let ids = Ids {
+        contact,
+        conn_id,
+        peer,
+    };
     let result = read_loop(shared, session, rd, &wtx, ids, cmd_rx, close).await;
     // Let the writer flush what is queued (a closing tag, a stream error).
     drop(wtx);
@@ -603,6 +612,7 @@ async fn session_loop(
 struct Ids {
     contact: u64,
     conn_id: u64,
+    peer: PeerId,
 }
 
 async fn read_loop(
@@ -614,10 +624,20 @@ async fn read_loop(
     mut cmd_rx: mpsc::Receiver<ConnCmd>,
     close: Arc<tokio::sync::Notify>,
 ) -> Result<(), String> {
-    let Ids { contact, conn_id } = ids;
+    let Ids {
+        contact, conn_id, ..
+    } = ids;
     // Large reads mean large batches: one store transaction (one fsync) per read.
     let mut buf = vec![0u8; 256 * 1024];
-    let mut flow = Flow::default();
+    let mut flow = Flow {
+        ctx: Some(OmemoCtx {
+            identity: shared.identity.clone(),
+            own_jid: shared.me.onion_address(),
+            peer_jid: ids.peer.onion_address(),
+            pinned: *ids.peer.as_bytes(),
+        }),
+        ..Flow::default()
+    };
     let mut last_rx = Instant::now();
     let mut last_ping = last_rx;
     let mut shutdown = shared.shutdown.clone();
@@ -738,6 +758,7 @@ async fn handle_event(
                 .map(|a| a.iter().map(|a| a.to_string()).collect())
                 .unwrap_or_default();
             session.send_addresses(&addrs);
+            announce(shared, session).await?;
             send_outbox(shared, session, contact, flow).await?;
         }
         Event::Stanzas(items) => store_batch(shared, session, contact, flow, None, items).await?,
@@ -768,6 +789,21 @@ async fn handle_event(
             })
             .await?;
         }
+        Event::Pep(el) => match crate::omemo::pep::parse_event(&el) {
+            Ok(items) if !items.is_empty() => {
+                let pinned = flow.ctx.as_ref().map(|c| c.pinned).unwrap_or_default();
+                let now = crate::ops::now_ms() / 1000;
+                let learned =
+                    store_op(shared, move |s| s.omemo_learn(contact, pinned, items, now)).await?;
+                if learned.can_send && flow.waiting {
+                    flow.waiting = false;
+                    send_outbox(shared, session, contact, flow).await?;
+                }
+            }
+            Ok(_) => {}
+            // A broken bundle or list: refused, the stream goes on.
+            Err(e) => tracing::warn!("refused an OMEMO announcement from a contact: {e}"),
+        },
         Event::Closed => return Err("peer closed the stream".into()),
         Event::PeerError(cond) => return Err(format!("peer sent stream error {cond}")),
         Event::Fault(f) => {
@@ -791,8 +827,9 @@ async fn store_batch(
     let now = crate::ops::now_ms();
     let n_items = items.len();
     let t0 = Instant::now();
+    let ctx = flow.ctx.clone();
     let (sent, res) = store_op(shared, move |s| {
-        s.ack_and_receive(contact, ack, &items, now)
+        s.ack_and_receive(contact, ack, &items, now, ctx.as_ref())
     })
     .await?;
     tracing::trace!(
@@ -814,8 +851,21 @@ async fn store_batch(
     if let Some(h) = ack {
         flow.acked = flow.acked.max(h);
     }
+    if res.bundle_changed {
+        announce(shared, session).await?;
+    }
     if res.queued_stanzas || ack.is_some() {
         send_outbox(shared, session, contact, flow).await?;
+    }
+    Ok(())
+}
+
+/// Pushes our OMEMO device lists and bundles to the peer.
+async fn announce(shared: &Arc<Shared>, session: &mut Session) -> Result<(), String> {
+    let now = crate::ops::now_ms() / 1000;
+    let own = store_op(shared, move |s| s.omemo_device(now)).await?;
+    for el in crate::omemo::pep::announcements(&own, &shared.identity) {
+        session.send_element(&el);
     }
     Ok(())
 }
@@ -838,11 +888,18 @@ async fn send_outbox(
     if !session.is_open() || room == 0 || (in_flight && room < WINDOW / 2) {
         return Ok(());
     }
-    let items = store_op(shared, move |s| {
-        s.outbox_after(contact, after, room as usize)
+    let Some(ctx) = flow.ctx.clone() else {
+        return Ok(());
+    };
+    let out = store_op(shared, move |s| {
+        s.outbox_encrypted(contact, after, room as usize, &ctx)
     })
     .await?;
-    for (n, st) in items {
+    if out.waiting && !flow.waiting {
+        tracing::info!("queued messages wait for the contact's OMEMO keys");
+    }
+    flow.waiting = out.waiting;
+    for (n, st) in out.items {
         session.send(&st);
         flow.sent = Some(n);
     }

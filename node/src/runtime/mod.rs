@@ -143,6 +143,8 @@ pub(crate) struct Stats {
 pub(crate) struct Shared {
     pub(crate) store: Arc<Store>,
     pub(crate) me: PeerId,
+    /// Our OMEMO identity (the same key as `me`).
+    pub(crate) identity: Arc<crate::omemo::Identity>,
     pub(crate) cfg: NodeConfig,
     /// peer key → contact id, for the TLS policy.
     pub(crate) contacts: RwLock<HashMap<PeerId, u64>>,
@@ -272,6 +274,11 @@ impl Node {
         let key = SecretKey::from_seed(&profile.seed);
         let me = key.peer_id();
         let tls = TlsContext::new(&key)?;
+        let identity = Arc::new(crate::omemo::Identity::from_seed(&profile.seed));
+        // Our OMEMO device exists (prekeys replenished, signed prekey rotated)
+        // before any stream opens.
+        let now_s = crate::ops::now_ms() / 1000;
+        db(&store, move |s| s.omemo_device(now_s)).await??;
         let (stop, shutdown) = watch::channel(false);
         let mut transports: Vec<Arc<dyn Transport>> = vec![
             Arc::new(transport::tcp::TcpTransport::new(tls.clone())),
@@ -283,6 +290,7 @@ impl Node {
         let shared = Arc::new_cyclic(|_| Shared {
             store: store.clone(),
             me,
+            identity,
             cfg: cfg.clone(),
             contacts: RwLock::new(HashMap::new()),
             open_invites: AtomicBool::new(false),

@@ -10,6 +10,7 @@
 
 pub mod crypto;
 pub mod model;
+pub mod omemo;
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +20,7 @@ use zeroize::Zeroizing;
 
 use crate::store::crypto::{DataKey, KdfParams, KeyError};
 pub use crate::store::model::*;
+pub use crate::store::omemo::{Learned, OmemoCtx, Outbox};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PROFILE: TableDefinition<u64, &[u8]> = TableDefinition::new("profile");
@@ -596,12 +598,15 @@ impl Store {
                     ts: now_ms,
                     state: Delivery::Queued,
                     stanza_id: format!("m{seq}.{nonce:08x}"),
+                    unverified: false,
+                    undecryptable: None,
                 };
                 self.put_message(&mut mt, contact, &msg)?;
                 let stanza = OutStanza::Chat {
                     id: msg.stanza_id.clone(),
                     body: msg.body.clone(),
                     seq,
+                    omemo: None,
                 };
                 self.put_out(&mut ot, contact, st.out_last, &stanza)?;
                 out.push(msg);
@@ -652,13 +657,14 @@ impl Store {
         ack: Option<u64>,
         items: &[Incoming],
         now_ms: u64,
+        ctx: Option<&OmemoCtx>,
     ) -> Result<(Vec<u64>, Received), StoreError> {
         let tx = self.db.begin_write().ctx("write")?;
         let sent = match ack {
             Some(h) => self.ack_in(&tx, contact, h)?,
             None => Vec::new(),
         };
-        let res = self.receive_in(&tx, contact, items, now_ms)?;
+        let res = self.receive_in(&tx, contact, items, now_ms, ctx)?;
         tx.commit().ctx("commit")?;
         Ok((sent, res))
     }
@@ -724,7 +730,7 @@ impl Store {
         now_ms: u64,
     ) -> Result<Received, StoreError> {
         let tx = self.db.begin_write().ctx("write")?;
-        let res = self.receive_in(&tx, contact, items, now_ms)?;
+        let res = self.receive_in(&tx, contact, items, now_ms, None)?;
         tx.commit().ctx("commit")?;
         Ok(res)
     }
@@ -735,8 +741,14 @@ impl Store {
         contact: u64,
         items: &[Incoming],
         now_ms: u64,
+        ctx: Option<&OmemoCtx>,
     ) -> Result<Received, StoreError> {
         let mut res = Received::default();
+        let decrypted = match ctx {
+            Some(ctx) => self.decrypt_batch(tx, contact, ctx, items, now_ms, &mut res)?,
+            None => items.iter().map(|_| None).collect(),
+        };
+        let mut decrypted = decrypted.into_iter();
         {
             let mut peers = tx.open_table(PEERS).ctx("open peers")?;
             let mut st = self.peer_state_in(&peers, contact)?;
@@ -744,7 +756,44 @@ impl Store {
             let mut ot = tx.open_table(OUTBOX).ctx("open outbox")?;
             for item in items {
                 st.in_h += 1;
+                let dec = decrypted.next().flatten();
                 match item {
+                    Incoming::Encrypted {
+                        id, wants_receipt, ..
+                    } => {
+                        let Some(d) = dec else { continue };
+                        let seq = st.next_seq.max(1);
+                        st.next_seq = seq + 1;
+                        let m = omemo::message_of(d, seq, id, now_ms);
+                        let receipt = *wants_receipt && m.undecryptable.is_none();
+                        self.put_message(&mut mt, contact, &m)?;
+                        res.new_messages.push(seq);
+                        if receipt {
+                            st.out_last += 1;
+                            let nonce: u32 = rand::random();
+                            let r = OutStanza::Receipt {
+                                id: format!("r{}.{nonce:08x}", st.out_last),
+                                of: id.clone(),
+                            };
+                            self.put_out(&mut ot, contact, st.out_last, &r)?;
+                            res.queued_stanzas = true;
+                        }
+                    }
+                    Incoming::Plain { id } => {
+                        tracing::warn!("a contact sent a message without OMEMO; not shown");
+                        let seq = st.next_seq.max(1);
+                        st.next_seq = seq + 1;
+                        let m = omemo::message_of(
+                            omemo::Decrypted::Failed(crate::omemo::OmemoError::Malformed(
+                                "message sent without encryption",
+                            )),
+                            seq,
+                            id,
+                            now_ms,
+                        );
+                        self.put_message(&mut mt, contact, &m)?;
+                        res.new_messages.push(seq);
+                    }
                     Incoming::Chat {
                         id,
                         body,
@@ -759,6 +808,8 @@ impl Store {
                             ts: now_ms,
                             state: Delivery::Received,
                             stanza_id: id.clone(),
+                            unverified: false,
+                            undecryptable: None,
                         };
                         self.put_message(&mut mt, contact, &m)?;
                         res.new_messages.push(seq);
@@ -802,6 +853,16 @@ impl Store {
                     }
                     Incoming::Other => {}
                 }
+            }
+            for el in std::mem::take(&mut res.repairs) {
+                st.out_last += 1;
+                let nonce: u32 = rand::random();
+                let k = OutStanza::KeyTransport {
+                    id: format!("k{}.{nonce:08x}", st.out_last),
+                    omemo: el,
+                };
+                self.put_out(&mut ot, contact, st.out_last, &k)?;
+                res.queued_stanzas = true;
             }
             self.put_peer_state(&mut peers, contact, &st)?;
             res.h = st.in_h;
@@ -916,6 +977,12 @@ pub struct Received {
     pub delivered: Vec<u64>,
     /// Whether receipts were queued (the outbox grew).
     pub queued_stanzas: bool,
+    /// Key-transport messages to queue (session repairs), filled while
+    /// decrypting.
+    pub repairs: Vec<String>,
+    /// A one-time prekey was used: our bundle changed and should be
+    /// announced again.
+    pub bundle_changed: bool,
 }
 
 /// Destroys the profile in `dir`: overwrites the store file with random

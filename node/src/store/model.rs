@@ -122,6 +122,12 @@ pub struct Message {
     pub state: Delivery,
     /// The stanza id on the wire.
     pub stanza_id: String,
+    /// Incoming: sent by a device of the contact that is not verified.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unverified: bool,
+    /// Incoming: why it could not be decrypted (the body is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undecryptable: Option<String>,
 }
 
 impl std::fmt::Debug for Message {
@@ -141,6 +147,17 @@ pub enum OutStanza {
         body: String,
         /// Message seq, to mark it sent when acked.
         seq: u64,
+        /// The OMEMO `<encrypted/>` element, once encrypted (retransmissions
+        /// send the same ciphertext).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        omemo: Option<String>,
+    },
+    /// An empty OMEMO message (key transport): a new session after a repair.
+    KeyTransport {
+        /// Stanza id.
+        id: String,
+        /// The `<encrypted/>` element.
+        omemo: String,
     },
     /// A delivery receipt for one of their messages.
     Receipt {
@@ -151,11 +168,19 @@ pub enum OutStanza {
     },
 }
 
+impl OutStanza {
+    /// Whether this is a chat message.
+    pub fn is_chat(&self) -> bool {
+        matches!(self, OutStanza::Chat { .. })
+    }
+}
+
 impl std::fmt::Debug for OutStanza {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             OutStanza::Chat { seq, .. } => write!(f, "Chat(#{seq})"),
             OutStanza::Receipt { .. } => f.write_str("Receipt"),
+            OutStanza::KeyTransport { .. } => f.write_str("KeyTransport"),
         }
     }
 }
@@ -199,7 +224,9 @@ impl std::fmt::Debug for IssuedInvite {
 /// What arrived from a peer, already parsed and checked.
 #[derive(Clone, Debug)]
 pub enum Incoming {
-    /// A chat message.
+    /// A chat message whose text is already in the clear: never parsed off
+    /// the wire (see [`Incoming::Encrypted`]); used by local imports and
+    /// store tests.
     Chat {
         /// Its stanza id.
         id: String,
@@ -208,6 +235,20 @@ pub enum Incoming {
         /// Whether they asked for a receipt.
         wants_receipt: bool,
     },
+    /// An OMEMO-encrypted message (or key transport, without payload).
+    Encrypted {
+        /// Its stanza id.
+        id: String,
+        /// The `<encrypted/>` element.
+        element: minidom::Element,
+        /// Whether they asked for a receipt.
+        wants_receipt: bool,
+    },
+    /// A chat message with a plaintext body: Coterie nodes never send one.
+    Plain {
+        /// Its stanza id.
+        id: String,
+    },
     /// A receipt for one of our messages.
     Receipt {
         /// The id they acknowledge.
@@ -215,4 +256,64 @@ pub enum Incoming {
     },
     /// Any other stanza: counted for XEP-0198, otherwise ignored.
     Other,
+}
+
+/// How far a contact's device is trusted.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Trust {
+    /// Its identity key is the one pinned by the invite.
+    Pinned,
+    /// The user compared its fingerprint and verified it.
+    Verified,
+    /// Seen, not verified: nothing is encrypted to it, and what it sends is
+    /// marked.
+    Untrusted,
+}
+
+impl Trust {
+    /// Whether messages are encrypted to the device.
+    pub fn trusted(self) -> bool {
+        matches!(self, Trust::Pinned | Trust::Verified)
+    }
+
+    /// Lowercase name for output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trust::Pinned => "pinned",
+            Trust::Verified => "verified",
+            Trust::Untrusted => "untrusted",
+        }
+    }
+}
+
+/// One OMEMO device of a contact.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Device id.
+    pub id: u32,
+    /// Identity key, Curve25519 (Montgomery) form.
+    pub identity: [u8; 32],
+    /// Trust.
+    pub trust: Trust,
+    /// Its latest bundles (XML), per version.
+    pub bundles: Vec<(crate::omemo::Version, String)>,
+    /// Unix seconds when first seen.
+    pub first_seen: u64,
+}
+
+impl std::fmt::Debug for DeviceRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Device({}, {:?})", self.id, self.trust)
+    }
+}
+
+/// A contact's OMEMO state: devices and sessions.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PeerOmemo {
+    /// Devices with a known identity.
+    pub devices: Vec<DeviceRecord>,
+    /// The device ids they list, per version.
+    pub listed: Vec<(crate::omemo::Version, Vec<u32>)>,
+    /// Sessions per (device, version).
+    pub slots: Vec<(u32, crate::omemo::Version, crate::omemo::SessionSlot)>,
 }

@@ -340,6 +340,8 @@ fn store(n: usize) {
                         Delivery::Delivered
                     },
                     stanza_id: format!("m{}.00000000", seq + i),
+                    unverified: false,
+                    undecryptable: None,
                 })
                 .collect();
             s.bulk_insert_messages(id, &batch).expect("insert");

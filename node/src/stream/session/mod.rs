@@ -109,6 +109,8 @@ pub enum Event {
     Acked(u64),
     /// They announced where they can be reached.
     Addresses(Vec<String>),
+    /// A PEP notification (OMEMO device lists and bundles).
+    Pep(Element),
     /// They closed the stream.
     Closed,
     /// They sent a stream error (condition name only).
@@ -153,6 +155,37 @@ pub struct Session {
 /// cannot be below.
 pub fn unwrap_h(floor: u64, wire: u32) -> u64 {
     floor + u64::from(wire.wrapping_sub(floor as u32))
+}
+
+/// XEP-0334 hints.
+pub const NS_HINTS: &str = "urn:xmpp:hints";
+/// XEP-0380 explicit message encryption.
+pub const NS_EME: &str = "urn:xmpp:eme:0";
+
+/// An OMEMO message stanza: the `<encrypted/>` element (XML from the
+/// store), a receipt request for chats, a storage hint (servers do not
+/// archive a message with only `<encrypted/>`), and XEP-0380's marker.
+pub fn encode_encrypted(id: &str, encrypted_xml: &str, chat: bool) -> Option<Vec<u8>> {
+    let enc: Element = encrypted_xml.parse().ok()?;
+    let ns = enc.ns();
+    if !is_xml_text(id) {
+        return None;
+    }
+    let mut m = Message::new(None);
+    m.type_ = MessageType::Chat;
+    m.id = Some(xmpp_parsers::message::Id(id.to_string()));
+    m.payloads.push(enc);
+    if chat {
+        m.payloads.push(Element::from(Request));
+    }
+    m.payloads.push(Element::builder("store", NS_HINTS).build());
+    let name = rxml::NcName::try_from("namespace").ok()?;
+    m.payloads.push(
+        Element::builder("encryption", NS_EME)
+            .attr(name, ns)
+            .build(),
+    );
+    write_el(&Element::from(m))
 }
 
 /// Serializes an element. Callers make sure its text is XML-safe (see
@@ -444,6 +477,10 @@ impl Session {
                 events.push(Event::Addresses(addrs));
                 Ok(())
             }
+            (Phase::Open, crate::omemo::pep::NS_PUBSUB_EVENT, "event") => {
+                events.push(Event::Pep(el));
+                Ok(())
+            }
             (Phase::Open, NS_CLIENT, "message" | "iq" | "presence") => {
                 self.take_token(now);
                 self.counted_h += 1;
@@ -508,7 +545,16 @@ impl Session {
             return;
         }
         let unit = match stanza {
-            OutStanza::Chat { id, body, .. } => encode_chat(id, body),
+            OutStanza::Chat {
+                id,
+                omemo: Some(omemo),
+                ..
+            }
+            | OutStanza::KeyTransport { id, omemo } => {
+                encode_encrypted(id, omemo, stanza.is_chat())
+            }
+            // Never sent in the clear: the runtime encrypts before sending.
+            OutStanza::Chat { omemo: None, .. } => None,
             OutStanza::Receipt { id, of } => {
                 let mut m = Message::new(None);
                 m.id = Some(xmpp_parsers::message::Id(id.clone()));
@@ -554,6 +600,17 @@ impl Session {
         }
     }
 
+    /// Sends a top-level element that is not a stanza (not counted by
+    /// XEP-0198): PEP notifications, re-sent on every connection.
+    pub fn send_element(&mut self, el: &Element) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        if let Some(unit) = write_el(el) {
+            self.queue(unit);
+        }
+    }
+
     /// Closes the stream cleanly.
     pub fn close(&mut self) {
         if !self.sent_close {
@@ -585,9 +642,6 @@ fn incoming_of(el: Element) -> Incoming {
         }
         return Incoming::Other;
     }
-    let Some((_, body)) = m.get_best_body(vec![]) else {
-        return Incoming::Other;
-    };
     let Some(id) =
         m.id.as_ref()
             .map(|i| i.0.clone())
@@ -596,11 +650,22 @@ fn incoming_of(el: Element) -> Incoming {
         return Incoming::Other;
     };
     let wants_receipt = m.payloads.iter().any(|p| p.is("request", NS_RECEIPTS));
-    Incoming::Chat {
-        id,
-        body: body.clone(),
-        wants_receipt,
+    let encrypted = m
+        .payloads
+        .iter()
+        .find(|p| p.name() == "encrypted" && crate::omemo::Version::from_ns(&p.ns()).is_some());
+    if let Some(e) = encrypted {
+        return Incoming::Encrypted {
+            id,
+            element: e.clone(),
+            wants_receipt,
+        };
     }
+    if m.get_best_body(vec![]).is_some() {
+        // Coterie nodes never send a body in the clear.
+        return Incoming::Plain { id };
+    }
+    Incoming::Other
 }
 
 #[cfg(test)]

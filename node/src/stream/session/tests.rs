@@ -60,11 +60,30 @@ fn open_pair(now: Instant) -> (Session, Session) {
     (a, b)
 }
 
+/// An `<encrypted/>` element as the store keeps it (the session only
+/// carries it; OMEMO is tested in `crate::omemo`).
+fn enc(n: u64) -> String {
+    format!(
+        "<encrypted xmlns='urn:xmpp:omemo:2'><header sid='{n}'/><payload>AAAA</payload></encrypted>"
+    )
+}
+
 fn chat(n: u64) -> OutStanza {
     OutStanza::Chat {
         id: format!("m{n}.00000000"),
         body: format!("body {n}"),
         seq: n,
+        omemo: Some(enc(n)),
+    }
+}
+
+fn sid_of(i: &Incoming) -> Option<String> {
+    match i {
+        Incoming::Encrypted { element, .. } => element
+            .get_child("header", "urn:xmpp:omemo:2")
+            .and_then(|h| h.attr("sid"))
+            .map(String::from),
+        _ => None,
     }
 }
 
@@ -97,9 +116,14 @@ fn stanzas_flow_and_are_acked_only_after_persisting() {
         panic!("{eb:?}")
     };
     assert_eq!(items.len(), 3);
-    assert!(
-        matches!(&items[0], Incoming::Chat { body, wants_receipt: true, .. } if body == "body 1")
-    );
+    assert!(matches!(
+        &items[0],
+        Incoming::Encrypted {
+            wants_receipt: true,
+            ..
+        }
+    ));
+    assert_eq!(sid_of(&items[0]).as_deref(), Some("1"));
     // Nothing acked yet: B has not stored them.
     assert!(pump(&mut b, &mut a, now).is_empty());
     b.persisted(3);
@@ -257,20 +281,51 @@ fn addresses_are_announced_and_bounded() {
 }
 
 #[test]
-fn hostile_text_in_bodies_is_escaped_on_the_wire() {
+fn a_chat_is_never_sent_in_the_clear() {
     let now = Instant::now();
     let (mut a, mut b) = open_pair(now);
-    let nasty = "</body></message></stream:stream><message><body>injected";
+    // Not encrypted (the runtime encrypts first): a placeholder goes out,
+    // counted, without the body.
     a.send(&OutStanza::Chat {
         id: "m1.0".into(),
-        body: nasty.into(),
+        body: "the secret plan".into(),
         seq: 1,
+        omemo: None,
     });
-    let eb = pump(&mut a, &mut b, now);
-    let [Event::Stanzas(items)] = eb.as_slice() else {
-        panic!("{eb:?}")
-    };
-    assert!(matches!(&items[..], [Incoming::Chat { body, .. }] if body == nasty));
+    let mut wire = Vec::new();
+    while let Some(u) = a.poll_transmit() {
+        wire.extend(u);
+    }
+    assert!(!String::from_utf8_lossy(&wire).contains("secret"));
+    let eb = b.handle_input(&wire, now);
+    assert!(
+        matches!(eb.as_slice(), [Event::Stanzas(items)] if matches!(&items[..], [Incoming::Other])),
+        "{eb:?}"
+    );
+}
+
+#[test]
+fn a_plaintext_body_from_a_peer_is_flagged() {
+    let now = Instant::now();
+    let (_a, mut b) = open_pair(now);
+    let eb = b.handle_input(
+        b"<message xmlns='jabber:client' id='x1' type='chat'><body>hi</body></message>",
+        now,
+    );
+    assert!(
+        matches!(eb.as_slice(), [Event::Stanzas(items)] if matches!(&items[..], [Incoming::Plain { id }] if id == "x1")),
+        "{eb:?}"
+    );
+}
+
+#[test]
+fn encrypted_messages_carry_hints_and_no_body() {
+    let unit = encode_encrypted("m1.0", &enc(1), true).expect("encode");
+    let text = String::from_utf8(unit).expect("utf8");
+    assert!(text.contains("urn:xmpp:omemo:2"), "{text}");
+    assert!(text.contains("urn:xmpp:hints"), "{text}");
+    assert!(text.contains("urn:xmpp:eme:0"), "{text}");
+    assert!(!text.contains("<body"), "{text}");
 }
 
 proptest! {
@@ -282,17 +337,17 @@ proptest! {
     }
 
     #[test]
-    fn chat_stanzas_roundtrip(body in "\\PC{0,300}", id in "[a-z0-9.]{1,40}") {
+    fn encrypted_stanzas_roundtrip(sid in 1u64.., id in "[a-z0-9.]{1,40}") {
         let now = Instant::now();
         let mut a = Session::new(params(Role::Initiator, 0, 0), now);
         let mut b = Session::new(params(Role::Responder, 0, 0), now);
         handshake(&mut a, &mut b, now);
-        a.send(&OutStanza::Chat { id: id.clone(), body: body.clone(), seq: 1 });
+        a.send(&OutStanza::Chat { id: id.clone(), body: String::new(), seq: 1, omemo: Some(enc(sid)) });
         let eb = pump(&mut a, &mut b, now);
-        let expected_body = body.clone();
-        let ok = matches!(eb.as_slice(), [Event::Stanzas(items)] if matches!(&items[..], [Incoming::Chat { id: i, body: bd, .. }] if *i == id && *bd == expected_body));
-        // An empty body is dropped by xmpp-parsers' body handling only if empty.
-        prop_assert!(ok || body.is_empty(), "{:?}", eb);
+        let [Event::Stanzas(items)] = eb.as_slice() else { panic!("{eb:?}") };
+        let same_id = matches!(&items[..], [Incoming::Encrypted { id: i, .. }] if *i == id);
+        prop_assert!(same_id);
+        prop_assert_eq!(sid_of(&items[0]), Some(sid.to_string()));
     }
 
     #[test]
@@ -337,8 +392,9 @@ fn an_unencodable_stanza_still_counts_as_one() {
     let (mut a, mut b) = open_pair(now);
     a.send(&OutStanza::Chat {
         id: "m1.0".into(),
-        body: "bell \u{7} and \u{FFFF}".into(),
+        body: String::new(),
         seq: 1,
+        omemo: Some("<encrypted broken".into()),
     });
     a.send(&chat(2));
     let eb = pump(&mut a, &mut b, now);
@@ -347,7 +403,7 @@ fn an_unencodable_stanza_still_counts_as_one() {
     };
     assert_eq!(items.len(), 2, "the placeholder keeps the count aligned");
     assert!(matches!(&items[0], Incoming::Other));
-    assert!(matches!(&items[1], Incoming::Chat { body, .. } if body == "body 2"));
+    assert_eq!(sid_of(&items[1]).as_deref(), Some("2"));
 }
 
 #[test]

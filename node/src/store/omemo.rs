@@ -1,0 +1,588 @@
+//! OMEMO state in the store: our device (prekeys), each contact's devices
+//! and sessions. Encryption of queued messages and decryption of incoming
+//! ones happen inside the same write transaction as the message rows they
+//! belong to, so a crash never separates a ratchet step from its message.
+
+use std::sync::Arc;
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{
+    Ctx as _, DeviceRecord, Direction, Incoming, Message, OutStanza, PeerOmemo, Received, Store,
+    StoreError, Trust, k64, model::Delivery,
+};
+use crate::omemo::device::{Recipient, RemoteDevice, encrypt};
+use crate::omemo::pep::PepItem;
+use crate::omemo::xml::{Bundle, EncryptedElement};
+use crate::omemo::{Identity, OmemoError, OwnDevice, Session, SessionSlot, Version, keys, sce};
+
+/// Row 0 is our device; row N is contact N's devices and sessions.
+pub(super) const OMEMO: TableDefinition<u64, &[u8]> = TableDefinition::new("omemo");
+
+/// Largest payload accepted in an `<encrypted/>` element (decoded bytes).
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+
+/// What OMEMO needs to know about one conversation.
+#[derive(Clone)]
+pub struct OmemoCtx {
+    /// Our identity key.
+    pub identity: Arc<Identity>,
+    /// Our bare JID (the onion address).
+    pub own_jid: String,
+    /// Theirs.
+    pub peer_jid: String,
+    /// The contact's key pinned by the invite (Ed25519).
+    pub pinned: [u8; 32],
+}
+
+impl std::fmt::Debug for OmemoCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OmemoCtx(..)")
+    }
+}
+
+/// What learning a contact's PEP items changed.
+#[derive(Debug, Default)]
+pub struct Learned {
+    /// Devices seen for the first time that are not trusted.
+    pub new_untrusted: Vec<u32>,
+    /// Whether some trusted device now has a bundle (queued messages can go).
+    pub can_send: bool,
+}
+
+/// Outbox items ready to send.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// Stanzas, numbered, in order.
+    pub items: Vec<(u64, OutStanza)>,
+    /// A chat could not be encrypted yet: no trusted device of the contact
+    /// has published a bundle. Sending stops there until one does.
+    pub waiting: bool,
+}
+
+impl PeerOmemo {
+    fn slot(&mut self, device: u32, v: Version) -> &mut SessionSlot {
+        if let Some(i) = self
+            .slots
+            .iter()
+            .position(|(d, sv, _)| *d == device && *sv == v)
+        {
+            return &mut self.slots[i].2;
+        }
+        self.slots.push((device, v, SessionSlot::default()));
+        let last = self.slots.len() - 1;
+        &mut self.slots[last].2
+    }
+
+    fn device(&self, id: u32) -> Option<&DeviceRecord> {
+        self.devices.iter().find(|d| d.id == id)
+    }
+
+    fn bundle(&self, id: u32, v: Version) -> Option<Bundle> {
+        let xml = &self.device(id)?.bundles.iter().find(|(bv, _)| *bv == v)?.1;
+        Bundle::parse(&xml.parse().ok()?).ok()
+    }
+
+    fn has_session(&self, id: u32, v: Version) -> bool {
+        self.slots
+            .iter()
+            .any(|(d, sv, s)| *d == id && *sv == v && s.current.is_some())
+    }
+
+    fn can_use(&self, id: u32, v: Version) -> bool {
+        self.has_session(id, v)
+            || self
+                .device(id)
+                .is_some_and(|d| d.bundles.iter().any(|(bv, _)| *bv == v))
+    }
+
+    /// Trusted devices we can encrypt to, and the version to use: OMEMO 2
+    /// if all of them speak it, else 0.3.
+    fn targets(&self) -> Option<(Version, Vec<u32>)> {
+        let trusted: Vec<u32> = self
+            .devices
+            .iter()
+            .filter(|d| d.trust.trusted())
+            .map(|d| d.id)
+            .collect();
+        for v in Version::ALL {
+            let ok: Vec<u32> = trusted
+                .iter()
+                .copied()
+                .filter(|d| self.can_use(*d, v))
+                .collect();
+            if !ok.is_empty()
+                && ok.len()
+                    == trusted
+                        .iter()
+                        .filter(|d| {
+                            self.can_use(**d, Version::V2) || self.can_use(**d, Version::V03)
+                        })
+                        .count()
+            {
+                return Some((v, ok));
+            }
+        }
+        None
+    }
+}
+
+fn trust_for(identity: &[u8; 32], pinned: &[u8; 32]) -> Trust {
+    if keys::ed_to_mont(pinned).as_ref() == Some(identity) {
+        Trust::Pinned
+    } else {
+        Trust::Untrusted
+    }
+}
+
+impl Store {
+    fn own_device_in(
+        &self,
+        t: &impl ReadableTable<u64, &'static [u8]>,
+    ) -> Result<Option<OwnDevice>, StoreError> {
+        match t.get(0).ctx("read omemo")? {
+            Some(v) => Ok(Some(self.open_json("omemo", &k64(0), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn peer_omemo_in(
+        &self,
+        t: &impl ReadableTable<u64, &'static [u8]>,
+        contact: u64,
+    ) -> Result<PeerOmemo, StoreError> {
+        match t.get(contact).ctx("read omemo")? {
+            Some(v) => self.open_json("omemo", &k64(contact), v.value()),
+            None => Ok(PeerOmemo::default()),
+        }
+    }
+
+    fn put_omemo<T: serde::Serialize>(
+        &self,
+        t: &mut redb::Table<u64, &[u8]>,
+        row: u64,
+        v: &T,
+    ) -> Result<(), StoreError> {
+        let sealed = self.seal_json("omemo", &k64(row), v)?;
+        t.insert(row, sealed.as_slice()).ctx("write omemo")?;
+        Ok(())
+    }
+
+    /// Our OMEMO device, created on first use; prekeys replenished and the
+    /// signed prekey rotated when due.
+    pub fn omemo_device(&self, now_s: u64) -> Result<OwnDevice, StoreError> {
+        let tx = self.db.begin_write().ctx("write")?;
+        let dev = {
+            let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
+            let mut rng = rand::rngs::OsRng;
+            let (dev, changed) = match self.own_device_in(&t)? {
+                Some(mut d) => {
+                    let c = d.maintain(now_s, &mut rng);
+                    (d, c)
+                }
+                None => (OwnDevice::new(now_s, &mut rng), true),
+            };
+            if changed {
+                self.put_omemo(&mut t, 0, &dev)?;
+            }
+            dev
+        };
+        tx.commit().ctx("commit")?;
+        Ok(dev)
+    }
+
+    /// A contact's OMEMO devices.
+    pub fn omemo_peer(&self, contact: u64) -> Result<PeerOmemo, StoreError> {
+        let rx = self.db.begin_read().ctx("read")?;
+        let t = match rx.open_table(OMEMO) {
+            Ok(t) => t,
+            // No node has run yet: nothing is known.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(PeerOmemo::default()),
+            Err(e) => return Err(StoreError::new("open omemo", e)),
+        };
+        self.peer_omemo_in(&t, contact)
+    }
+
+    /// Marks a contact's device verified. `false` if there is no such device.
+    pub fn omemo_verify(&self, contact: u64, device: u32) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().ctx("write")?;
+        let found = {
+            let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
+            let mut p = self.peer_omemo_in(&t, contact)?;
+            let found = match p.devices.iter_mut().find(|d| d.id == device) {
+                Some(d) => {
+                    if d.trust == Trust::Untrusted {
+                        d.trust = Trust::Verified;
+                    }
+                    true
+                }
+                None => false,
+            };
+            if found {
+                self.put_omemo(&mut t, contact, &p)?;
+            }
+            found
+        };
+        tx.commit().ctx("commit")?;
+        Ok(found)
+    }
+
+    /// Records a contact's device lists and bundles.
+    pub fn omemo_learn(
+        &self,
+        contact: u64,
+        pinned: [u8; 32],
+        items: Vec<PepItem>,
+        now_s: u64,
+    ) -> Result<Learned, StoreError> {
+        let tx = self.db.begin_write().ctx("write")?;
+        let mut learned = Learned::default();
+        {
+            let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
+            let mut p = self.peer_omemo_in(&t, contact)?;
+            for item in items {
+                match item {
+                    PepItem::Devices(v, ids) => {
+                        p.listed.retain(|(lv, _)| *lv != v);
+                        p.listed.push((v, ids));
+                    }
+                    PepItem::Bundle(dev, b, xml) => {
+                        let Some(identity) = keys::ed_to_mont(&b.ik) else {
+                            continue;
+                        };
+                        match p.devices.iter_mut().find(|d| d.id == dev) {
+                            Some(d) if d.identity != identity => {
+                                tracing::warn!(
+                                    device = dev,
+                                    "a contact's device published a different identity key; ignored"
+                                );
+                                continue;
+                            }
+                            Some(d) => {
+                                d.bundles.retain(|(bv, _)| *bv != b.version);
+                                d.bundles.push((b.version, xml));
+                            }
+                            None => {
+                                let trust = trust_for(&identity, &pinned);
+                                if trust == Trust::Untrusted {
+                                    tracing::warn!(
+                                        device = dev,
+                                        "a contact has a new device; it stays untrusted until verified"
+                                    );
+                                    learned.new_untrusted.push(dev);
+                                }
+                                p.devices.push(DeviceRecord {
+                                    id: dev,
+                                    identity,
+                                    trust,
+                                    bundles: vec![(b.version, xml)],
+                                    first_seen: now_s,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            learned.can_send = p.targets().is_some();
+            self.put_omemo(&mut t, contact, &p)?;
+        }
+        tx.commit().ctx("commit")?;
+        Ok(learned)
+    }
+
+    /// Queued stanzas numbered above `after` (at most `limit`), every chat
+    /// encrypted. Chats encrypted now are stored with their ciphertext and
+    /// the advanced sessions in one transaction, before anything is sent.
+    pub fn outbox_encrypted(
+        &self,
+        contact: u64,
+        after: u64,
+        limit: usize,
+        ctx: &OmemoCtx,
+    ) -> Result<Outbox, StoreError> {
+        let items = self.outbox_after(contact, after, limit)?;
+        let needs = items
+            .iter()
+            .any(|(_, s)| matches!(s, OutStanza::Chat { omemo: None, .. }));
+        if !needs {
+            return Ok(Outbox {
+                items,
+                waiting: false,
+            });
+        }
+        let tx = self.db.begin_write().ctx("write")?;
+        let out = {
+            let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
+            let mut ot = tx.open_table(super::OUTBOX).ctx("open outbox")?;
+            let own = self
+                .own_device_in(&t)?
+                .ok_or_else(|| StoreError::new("encrypt", "no OMEMO device yet"))?;
+            let mut p = self.peer_omemo_in(&t, contact)?;
+            let mut rng = rand::rngs::OsRng;
+            let mut ready = Vec::with_capacity(items.len());
+            let mut waiting = false;
+            let targets = p.targets();
+            for (n, st) in items {
+                let st = match st {
+                    OutStanza::Chat {
+                        id,
+                        body,
+                        seq,
+                        omemo: None,
+                    } => {
+                        let Some((v, devices)) = targets.clone() else {
+                            waiting = true;
+                            break;
+                        };
+                        let Some(el) =
+                            encrypt_for(&mut p, ctx, &own, v, &devices, Some(&body), &mut rng)
+                        else {
+                            waiting = true;
+                            break;
+                        };
+                        let st = OutStanza::Chat {
+                            id,
+                            body,
+                            seq,
+                            omemo: Some(el),
+                        };
+                        self.put_out(&mut ot, contact, n, &st)?;
+                        st
+                    }
+                    other => other,
+                };
+                ready.push((n, st));
+            }
+            self.put_omemo(&mut t, contact, &p)?;
+            Outbox {
+                items: ready,
+                waiting,
+            }
+        };
+        tx.commit().ctx("commit")?;
+        Ok(out)
+    }
+
+    /// Decrypts the encrypted items of an incoming batch (inside the
+    /// batch's transaction). Returns, per item, the message to store (if
+    /// any); queues key-transport repairs into `repairs`.
+    pub(super) fn decrypt_batch(
+        &self,
+        tx: &redb::WriteTransaction,
+        contact: u64,
+        ctx: &OmemoCtx,
+        items: &[Incoming],
+        now_ms: u64,
+        res: &mut Received,
+    ) -> Result<Vec<Option<Decrypted>>, StoreError> {
+        let mut out = Vec::with_capacity(items.len());
+        if !items
+            .iter()
+            .any(|i| matches!(i, Incoming::Encrypted { .. }))
+        {
+            out.resize_with(items.len(), || None);
+            return Ok(out);
+        }
+        let now_s = now_ms / 1000;
+        let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
+        let mut own = self
+            .own_device_in(&t)?
+            .ok_or_else(|| StoreError::new("decrypt", "no OMEMO device yet"))?;
+        let own_before = own.prekey_count();
+        let mut p = self.peer_omemo_in(&t, contact)?;
+        let mut rng = rand::rngs::OsRng;
+        let mut repaired: Vec<(u32, Version)> = Vec::new();
+        for item in items {
+            let Incoming::Encrypted { element, .. } = item else {
+                out.push(None);
+                continue;
+            };
+            let parsed = match EncryptedElement::parse(element, MAX_PAYLOAD) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!("refused an OMEMO message from a contact: {e}");
+                    out.push(Some(Decrypted::Failed(e)));
+                    continue;
+                }
+            };
+            let (sid, v) = (parsed.sid, parsed.version);
+            let known = p.device(sid).map(|d| d.identity);
+            let slot = p.slot(sid, v);
+            match own.decrypt(
+                &ctx.identity,
+                &ctx.own_jid,
+                RemoteDevice { identity: known },
+                slot,
+                &parsed,
+                now_s,
+                &mut rng,
+            ) {
+                Ok(o) => {
+                    if p.device(sid).is_none() {
+                        let trust = trust_for(&o.sender_identity, &ctx.pinned);
+                        if trust == Trust::Untrusted {
+                            tracing::warn!(
+                                device = sid,
+                                "a message from a contact's new device; it stays untrusted until verified"
+                            );
+                        }
+                        p.devices.push(DeviceRecord {
+                            id: sid,
+                            identity: o.sender_identity,
+                            trust,
+                            bundles: Vec::new(),
+                            first_seen: now_s,
+                        });
+                    }
+                    let trusted = p.device(sid).is_some_and(|d| d.trust.trusted());
+                    let body = match (v, o.plaintext) {
+                        (_, None) => {
+                            out.push(None);
+                            continue;
+                        }
+                        (Version::V03, Some(pt)) => {
+                            String::from_utf8(pt).map_err(|_| OmemoError::Malformed("UTF-8 body"))
+                        }
+                        (Version::V2, Some(pt)) => sce::open(&pt, &ctx.peer_jid)
+                            .and_then(|b| b.ok_or(OmemoError::Malformed("envelope without body"))),
+                    };
+                    out.push(Some(match body {
+                        Ok(body) => Decrypted::Body {
+                            body,
+                            unverified: !trusted,
+                        },
+                        Err(e) => {
+                            tracing::warn!(
+                                "an OMEMO message from a contact had a bad envelope: {e}"
+                            );
+                            Decrypted::Failed(e)
+                        }
+                    }));
+                }
+                Err(OmemoError::Duplicate) => {
+                    tracing::warn!("dropped a replayed OMEMO message from a contact");
+                    out.push(None);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        device = sid,
+                        "could not decrypt an OMEMO message from a contact: {e}"
+                    );
+                    // XEP-0384: a broken session is rebuilt from the
+                    // device's bundle, announced by an empty message.
+                    let repair = matches!(e, OmemoError::NoSession | OmemoError::BadMac)
+                        && !repaired.contains(&(sid, v))
+                        && p.device(sid).is_some_and(|d| d.trust.trusted());
+                    if repair
+                        && let Some(b) = p.bundle(sid, v)
+                        && let Ok(s) = Session::initiate(&ctx.identity, &b, &mut rng)
+                    {
+                        p.slot(sid, v).install(s);
+                        if let Some(el) = encrypt_for(&mut p, ctx, &own, v, &[sid], None, &mut rng)
+                        {
+                            repaired.push((sid, v));
+                            res.repairs.push(el);
+                        }
+                    }
+                    out.push(parsed.payload.is_some().then_some(Decrypted::Failed(e)));
+                }
+            }
+        }
+        if own.prekey_count() != own_before {
+            own.maintain(now_s, &mut rng);
+            self.put_omemo(&mut t, 0, &own)?;
+            res.bundle_changed = true;
+        }
+        self.put_omemo(&mut t, contact, &p)?;
+        Ok(out)
+    }
+}
+
+/// The outcome of decrypting one item.
+#[derive(Debug)]
+pub(super) enum Decrypted {
+    /// A message.
+    Body {
+        /// Its text.
+        body: String,
+        /// From a device that is not trusted.
+        unverified: bool,
+    },
+    /// A message that could not be decrypted.
+    Failed(OmemoError),
+}
+
+/// Encrypts for `devices` in version `v` (starting sessions from bundles as
+/// needed); the `<encrypted/>` element as XML, or `None` if no device could
+/// be reached.
+fn encrypt_for(
+    p: &mut PeerOmemo,
+    ctx: &OmemoCtx,
+    own: &OwnDevice,
+    v: Version,
+    devices: &[u32],
+    body: Option<&str>,
+    rng: &mut rand::rngs::OsRng,
+) -> Option<String> {
+    for &d in devices {
+        if !p.has_session(d, v) {
+            let b = p.bundle(d, v)?;
+            match Session::initiate(&ctx.identity, &b, rng) {
+                Ok(s) => p.slot(d, v).install(s),
+                Err(e) => {
+                    tracing::warn!(device = d, "cannot start an OMEMO session: {e}");
+                    return None;
+                }
+            }
+        }
+    }
+    let plaintext = body.map(|b| match v {
+        Version::V03 => b.as_bytes().to_vec(),
+        Version::V2 => sce::seal(b, &ctx.own_jid, rng),
+    });
+    let mut sessions: Vec<(u32, Session)> = Vec::new();
+    for &d in devices {
+        let s = p.slot(d, v).current.take()?;
+        sessions.push((d, s));
+    }
+    let el = {
+        let mut recipients: Vec<Recipient<'_>> = sessions
+            .iter_mut()
+            .map(|(d, s)| Recipient {
+                jid: &ctx.peer_jid,
+                device_id: *d,
+                session: s,
+            })
+            .collect();
+        encrypt(
+            v,
+            &ctx.identity,
+            own.device_id,
+            &mut recipients,
+            plaintext.as_deref(),
+            rng,
+        )
+    };
+    for (d, s) in sessions {
+        p.slot(d, v).current = Some(s);
+    }
+    Some(String::from(&el.to_element()))
+}
+
+/// The message row for a decrypted item.
+pub(super) fn message_of(d: Decrypted, seq: u64, id: &str, now_ms: u64) -> Message {
+    let (body, unverified, undecryptable) = match d {
+        Decrypted::Body { body, unverified } => (body, unverified, None),
+        Decrypted::Failed(e) => (String::new(), false, Some(e.to_string())),
+    };
+    Message {
+        seq,
+        dir: Direction::In,
+        body,
+        ts: now_ms,
+        state: Delivery::Received,
+        stanza_id: id.to_string(),
+        unverified,
+        undecryptable,
+    }
+}
