@@ -85,6 +85,18 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// A contact's OMEMO devices with their fingerprints and trust.
+    Fingerprints {
+        /// Contact name or fingerprint prefix.
+        contact: String,
+    },
+    /// Trust a contact's device after comparing its fingerprint with them.
+    Verify {
+        /// Contact name or fingerprint prefix.
+        contact: String,
+        /// Device id (from `coterie fingerprints`).
+        device: u32,
+    },
     /// Show or set how many days messages are kept (0 = forever; default 30).
     Retention {
         /// New value in days.
@@ -472,7 +484,12 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                     out.json(m);
                 } else {
                     let arrow = if m.dir == "out" { "→" } else { "←" };
-                    println!("{} {arrow} {:<9} {}", fmt_time(m.ts), m.state, m.body);
+                    let body = match &m.undecryptable {
+                        Some(why) => format!("[could not be decrypted: {why}]"),
+                        None if m.unverified => format!("[unverified device] {}", m.body),
+                        None => m.body.clone(),
+                    };
+                    println!("{} {arrow} {:<9} {body}", fmt_time(m.ts), m.state);
                 }
             }
             Ok(())
@@ -526,6 +543,53 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                         );
                     }
                 }
+            }
+            Ok(())
+        }
+        Cmd::Fingerprints { contact } => {
+            let rt = runtime()?;
+            let v: ops::FingerprintsView = via_node_or_store(
+                &rt,
+                dir,
+                &Request::Fingerprints {
+                    contact: contact.clone(),
+                },
+                |s| Ok(ops::fingerprints(s, &contact)?),
+            )?;
+            if out.json {
+                out.json(&v);
+            } else {
+                println!("you (device {}): {}", v.own.device, v.own.fingerprint);
+                if v.devices.is_empty() {
+                    println!(
+                        "{}: no devices seen yet (they appear once you connect)",
+                        v.contact
+                    );
+                }
+                for d in &v.devices {
+                    println!(
+                        "{} device {} [{}]: {}",
+                        v.contact, d.device, d.trust, d.fingerprint
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Verify { contact, device } => {
+            let rt = runtime()?;
+            let d: ops::DeviceView = via_node_or_store(
+                &rt,
+                dir,
+                &Request::Verify {
+                    contact: contact.clone(),
+                    device,
+                },
+                |s| Ok(ops::verify(s, &contact, device)?),
+            )?;
+            if out.json {
+                out.json(&d);
+            } else {
+                println!("device {} is {}: {}", d.device, d.trust, d.fingerprint);
             }
             Ok(())
         }

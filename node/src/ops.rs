@@ -93,6 +93,36 @@ pub struct MessageView {
     pub ts: u64,
     /// `queued`, `sent`, `delivered`, `received`.
     pub state: String,
+    /// Incoming: sent by a device of the contact that is not verified.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unverified: bool,
+    /// Incoming: could not be decrypted, and why (the body is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undecryptable: Option<String>,
+}
+
+/// An OMEMO device, for `coterie fingerprints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceView {
+    /// Device id.
+    pub device: u32,
+    /// Identity fingerprint (Curve25519 form, as other OMEMO clients show it).
+    pub fingerprint: String,
+    /// `pinned` (the invite's key), `verified`, `untrusted`, or `own`.
+    pub trust: String,
+    /// OMEMO versions it published bundles for.
+    pub versions: Vec<String>,
+}
+
+/// Devices of a contact and our own, for `coterie fingerprints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FingerprintsView {
+    /// The contact's name.
+    pub contact: String,
+    /// Our device.
+    pub own: DeviceView,
+    /// Theirs.
+    pub devices: Vec<DeviceView>,
 }
 
 impl From<&Message> for MessageView {
@@ -107,6 +137,8 @@ impl From<&Message> for MessageView {
             body: m.body.clone(),
             ts: m.ts,
             state: m.state.as_str().into(),
+            unverified: m.unverified,
+            undecryptable: m.undecryptable.clone(),
         }
     }
 }
@@ -314,6 +346,55 @@ pub fn history(store: &Store, sel: &str, limit: usize) -> Result<Vec<MessageView
         .iter()
         .map(MessageView::from)
         .collect())
+}
+
+fn device_view(d: &crate::store::DeviceRecord) -> DeviceView {
+    DeviceView {
+        device: d.id,
+        fingerprint: crate::omemo::keys::fingerprint_mont(&d.identity),
+        trust: d.trust.as_str().into(),
+        versions: d.bundles.iter().map(|(v, _)| v.to_string()).collect(),
+    }
+}
+
+/// `coterie fingerprints CONTACT`
+pub fn fingerprints(store: &Store, sel: &str) -> Result<FingerprintsView, OpError> {
+    let c = find_contact(store, sel)?;
+    let p = store.omemo_peer(c.id)?;
+    let own = store.omemo_device(now_secs())?;
+    let seed = store.profile()?.seed;
+    let id = crate::omemo::Identity::from_seed(&seed);
+    Ok(FingerprintsView {
+        contact: c.name.clone(),
+        own: DeviceView {
+            device: own.device_id,
+            fingerprint: crate::omemo::keys::fingerprint(&id.ed_public()),
+            trust: "own".into(),
+            versions: crate::omemo::Version::ALL
+                .iter()
+                .map(|v| v.to_string())
+                .collect(),
+        },
+        devices: p.devices.iter().map(device_view).collect(),
+    })
+}
+
+/// `coterie verify CONTACT DEVICE`: the user compared the device's
+/// fingerprint with the contact; messages are encrypted to it from now on.
+pub fn verify(store: &Store, sel: &str, device: u32) -> Result<DeviceView, OpError> {
+    let c = find_contact(store, sel)?;
+    if !store.omemo_verify(c.id, device)? {
+        return Err(OpError::Usage(format!(
+            "{} has no device {device}; `coterie fingerprints {}` lists them",
+            c.name, c.name
+        )));
+    }
+    let p = store.omemo_peer(c.id)?;
+    p.devices
+        .iter()
+        .find(|d| d.id == device)
+        .map(device_view)
+        .ok_or_else(|| OpError::Usage(format!("{} has no device {device}", c.name)))
 }
 
 /// `coterie retention [DAYS]`: shows or sets how long messages are kept

@@ -141,10 +141,15 @@ pub(crate) fn dh_bytes(secret: &[u8; 32], their: &[u8; 32]) -> Result<[u8; 32]> 
 /// The fingerprint users compare: the Curve25519 form in hex, in groups of
 /// eight (as Conversations, Dino and Gajim show it).
 pub fn fingerprint(ed: &[u8; 32]) -> String {
-    let Some(mont) = ed_to_mont(ed) else {
-        return "invalid key".into();
-    };
-    let hex = data_encoding::HEXLOWER.encode(&mont);
+    match ed_to_mont(ed) {
+        Some(mont) => fingerprint_mont(&mont),
+        None => "invalid key".into(),
+    }
+}
+
+/// [`fingerprint`] of a key already in Montgomery form.
+pub fn fingerprint_mont(mont: &[u8; 32]) -> String {
+    let hex = data_encoding::HEXLOWER.encode(mont);
     hex.as_bytes()
         .chunks(8)
         .map(|c| String::from_utf8_lossy(c).into_owned())

@@ -51,6 +51,18 @@ pub enum Request {
         /// Most recent N.
         limit: usize,
     },
+    /// A contact's OMEMO devices and fingerprints.
+    Fingerprints {
+        /// Name or fingerprint prefix.
+        contact: String,
+    },
+    /// Verify a contact's device.
+    Verify {
+        /// Name or fingerprint prefix.
+        contact: String,
+        /// Device id.
+        device: u32,
+    },
     /// Show or set message retention in days (0 = forever).
     Retention {
         /// New value, if setting.
@@ -208,6 +220,12 @@ async fn dispatch(shared: &Arc<Shared>, req: Request, stop: &watch::Sender<bool>
             }
             Request::Retention { days } => {
                 json(db(&shared.store, move |s| ops::retention(s, days)).await??)
+            }
+            Request::Fingerprints { contact } => {
+                json(db(&shared.store, move |s| ops::fingerprints(s, &contact)).await??)
+            }
+            Request::Verify { contact, device } => {
+                json(db(&shared.store, move |s| ops::verify(s, &contact, device)).await??)
             }
             Request::Status => json(status(shared)),
             Request::Stop => {

@@ -1,0 +1,432 @@
+//! OMEMO through a running node, seen from a hand-written contact: what the
+//! node sends is encrypted (no body on the wire), and bad OMEMO input gets a
+//! clear record, closes nothing and loses no later message.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use coterie_tests::raw::{RawConn, RawPeer};
+use coterie_tests::{running_pair, wait_for};
+use minidom::Element;
+use node::omemo::device::{Recipient, RemoteDevice, SessionSlot, encrypt};
+use node::omemo::pep::{self, PepItem};
+use node::omemo::xml::{Bundle, EncryptedElement};
+use node::omemo::{Identity, OwnDevice, Session, Version, keys, sce};
+
+/// Bytes from the node, kept across reads.
+struct Rx {
+    text: String,
+}
+
+impl Rx {
+    async fn until(&mut self, conn: &mut RawConn, needle: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !self.text.contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no `{needle}` from the node; got: {}",
+                self.text
+            );
+            let more = conn.read_until(needle, Duration::from_secs(2)).await;
+            self.text.push_str(&more);
+        }
+    }
+
+    /// Removes and returns the first complete `<tag …>…</tag>`.
+    fn take(&mut self, tag: &str) -> Option<String> {
+        let start = self.text.find(&format!("<{tag} "))?;
+        let close = format!("</{tag}>");
+        let end = self.text[start..].find(&close)? + start + close.len();
+        let el = self.text[start..end].to_string();
+        self.text.replace_range(start..end, "");
+        Some(el)
+    }
+}
+
+/// The next message from the node that carries an `<encrypted/>` element
+/// (receipts are skipped).
+async fn next_encrypted(rx: &mut Rx, conn: &mut RawConn) -> EncryptedElement {
+    loop {
+        if let Some(m) = rx.take("message") {
+            assert!(!m.contains("<body"), "no plaintext body: {m}");
+            let el: Element = m.parse().expect("message XML");
+            if let Some(e) = el.get_child("encrypted", "urn:xmpp:omemo:2") {
+                return EncryptedElement::parse(e, 1 << 16).expect("parse");
+            }
+            continue;
+        }
+        rx.until(conn, "</message>").await;
+    }
+}
+
+fn stanza(id: &str, enc: &EncryptedElement) -> Vec<u8> {
+    format!(
+        "<message type='chat' id='{id}'>{}<request xmlns='urn:xmpp:receipts'/></message>",
+        String::from(&enc.to_element())
+    )
+    .into_bytes()
+}
+
+fn enc_to(
+    id: &Identity,
+    sid: u32,
+    to_jid: &str,
+    to_dev: u32,
+    session: &mut Session,
+    from_jid: &str,
+    text: &str,
+) -> EncryptedElement {
+    let pt = sce::seal(text, from_jid, &mut rand::rngs::OsRng);
+    let mut r = [Recipient {
+        jid: to_jid,
+        device_id: to_dev,
+        session,
+    }];
+    encrypt(
+        Version::V2,
+        id,
+        sid,
+        &mut r,
+        Some(&pt),
+        &mut rand::rngs::OsRng,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_encrypts_everything_and_survives_bad_omemo_input() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (alice, _bob) = running_pair(tmp.path());
+    let alice_key = alice.key();
+    let alice_jid = alice_key.onion_address();
+
+    let evil = RawPeer::new();
+    let evil_jid = evil.key.peer_id().onion_address();
+    let id = Identity::from_seed(&evil.key.to_seed());
+    let mut dev = OwnDevice::new(node::ops::now_secs(), &mut rand::rngs::OsRng);
+    let (mut conn, status) = evil.redeem(&alice.invite(), alice.port).await;
+    assert_eq!(status, 0, "invite accepted");
+    let mut rx = Rx {
+        text: conn.open_stream(&evil.key.peer_id(), 0).await,
+    };
+
+    // The node announces its devices and bundles in both versions.
+    while rx.text.matches("</event>").count() < 4 {
+        rx.until(&mut conn, "eu.siacs.conversations.axolotl.bundles:")
+            .await;
+        let more = conn.read_until("</event>", Duration::from_secs(2)).await;
+        rx.text.push_str(&more);
+    }
+    let mut alice_bundle: Option<(u32, Bundle)> = None;
+    let mut versions = Vec::new();
+    while let Some(ev) = rx.take("event") {
+        let el: Element = ev.parse().expect("event XML");
+        for item in pep::parse_event(&el).expect("valid announcement") {
+            if let PepItem::Bundle(d, b, _) = item {
+                assert_eq!(
+                    keys::ed_to_mont(&b.ik),
+                    keys::ed_to_mont(alice_key.as_bytes()),
+                    "the bundle's identity is the pinned key"
+                );
+                versions.push(b.version);
+                if b.version == Version::V2 {
+                    alice_bundle = Some((d, b));
+                }
+            }
+        }
+    }
+    versions.sort();
+    assert_eq!(versions, vec![Version::V03, Version::V2]);
+    let (alice_dev, alice_bundle) = alice_bundle.expect("OMEMO 2 bundle");
+
+    // We announce ours; the node can now encrypt to us.
+    for el in pep::announcements(&dev, &id) {
+        conn.send(String::from(&el).as_bytes())
+            .await
+            .expect("announce");
+    }
+    alice.send("evil", "the plan <is> & stays secret");
+    rx.until(&mut conn, "</message>").await;
+    let msg = rx.take("message").expect("a message");
+    assert!(
+        !msg.contains("plan") && !msg.contains("<body"),
+        "no plaintext on the stream: {msg}"
+    );
+    assert!(msg.contains("urn:xmpp:omemo:2"), "{msg}");
+    let msg: Element = msg.parse().expect("message XML");
+    let enc = msg
+        .get_child("encrypted", "urn:xmpp:omemo:2")
+        .expect("encrypted");
+    let enc = EncryptedElement::parse(enc, 1 << 16).expect("parse");
+    let mut slot = SessionSlot::default();
+    let alice_mont = keys::ed_to_mont(alice_key.as_bytes()).expect("mont");
+    let out = dev
+        .decrypt(
+            &id,
+            &evil_jid,
+            RemoteDevice {
+                identity: Some(alice_mont),
+            },
+            &mut slot,
+            &enc,
+            0,
+            &mut rand::rngs::OsRng,
+        )
+        .expect("we decrypt the node's message");
+    let body = sce::open(&out.plaintext.expect("payload"), &alice_jid).expect("envelope");
+    assert_eq!(body.as_deref(), Some("the plan <is> & stays secret"));
+    let mut session = slot.current.clone().expect("session");
+
+    // Now the contact sends, good and bad.
+    let good1 = enc_to(
+        &id,
+        dev.device_id,
+        &alice_jid,
+        alice_dev,
+        &mut session,
+        &evil_jid,
+        "hello alice",
+    );
+    conn.send(&stanza("g1", &good1)).await.expect("send");
+    // A replay of it under a new stanza id.
+    conn.send(&stanza("replay", &good1)).await.expect("send");
+    // Forged: payload altered.
+    let mut forged = enc_to(
+        &id,
+        dev.device_id,
+        &alice_jid,
+        alice_dev,
+        &mut session,
+        &evil_jid,
+        "forged",
+    );
+    if let Some(p) = forged.payload.as_mut() {
+        p[3] ^= 0x40;
+    }
+    conn.send(&stanza("forged", &forged)).await.expect("send");
+    // Truncated key.
+    let mut truncated = enc_to(
+        &id,
+        dev.device_id,
+        &alice_jid,
+        alice_dev,
+        &mut session,
+        &evil_jid,
+        "truncated",
+    );
+    truncated.keys[0].data.truncate(10);
+    conn.send(&stanza("trunc", &truncated)).await.expect("send");
+    // A device the contact never announced, with another identity key.
+    let mut one_pk = alice_bundle.clone();
+    one_pk.prekeys.truncate(1);
+    let id2 = Identity::from_seed(&[0x42; 32]);
+    let dev2 = OwnDevice::new(0, &mut rand::rngs::OsRng);
+    let mut s2 = Session::initiate(&id2, &one_pk, &mut rand::rngs::OsRng).expect("initiate");
+    let new_dev = enc_to(
+        &id2,
+        dev2.device_id,
+        &alice_jid,
+        alice_dev,
+        &mut s2,
+        &evil_jid,
+        "from a new device",
+    );
+    conn.send(&stanza("newdev", &new_dev)).await.expect("send");
+    // A third identity reusing the same one-time prekey: refused.
+    let id3 = Identity::from_seed(&[0x43; 32]);
+    let mut s3 = Session::initiate(&id3, &one_pk, &mut rand::rngs::OsRng).expect("initiate");
+    let reuse = enc_to(
+        &id3,
+        777,
+        &alice_jid,
+        alice_dev,
+        &mut s3,
+        &evil_jid,
+        "prekey reused",
+    );
+    conn.send(&stanza("reuse", &reuse)).await.expect("send");
+    let good2 = enc_to(
+        &id,
+        dev.device_id,
+        &alice_jid,
+        alice_dev,
+        &mut session,
+        &evil_jid,
+        "still here",
+    );
+    conn.send(&stanza("g2", &good2)).await.expect("send");
+
+    let hist = wait_for(
+        "the contact's messages stored",
+        Duration::from_secs(20),
+        || {
+            let h = alice.history("evil", 50);
+            h.iter().any(|m| m["body"] == "still here").then_some(h)
+        },
+    );
+    let incoming: Vec<&serde_json::Value> = hist.iter().filter(|m| m["dir"] == "in").collect();
+    let bodies: Vec<&str> = incoming
+        .iter()
+        .map(|m| m["body"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        bodies.iter().filter(|b| **b == "hello alice").count(),
+        1,
+        "the replay is not stored twice: {hist:?}"
+    );
+    let failed: Vec<&str> = incoming
+        .iter()
+        .filter_map(|m| m["undecryptable"].as_str())
+        .collect();
+    assert_eq!(
+        failed.len(),
+        3,
+        "forged, truncated and reused-prekey messages are recorded: {hist:?}"
+    );
+    assert!(
+        failed.iter().any(|f| f.contains("payload authentication")),
+        "{failed:?}"
+    );
+    assert!(failed.iter().any(|f| f.contains("prekey")), "{failed:?}");
+    let new_dev_msg = incoming
+        .iter()
+        .find(|m| m["body"] == "from a new device")
+        .expect("new device's message");
+    assert_eq!(
+        new_dev_msg["unverified"], true,
+        "marked as from an unverified device"
+    );
+    let good = incoming
+        .iter()
+        .find(|m| m["body"] == "still here")
+        .expect("later message");
+    assert!(
+        good.get("unverified").is_none(),
+        "the pinned device's messages are not marked"
+    );
+    for m in &incoming {
+        let b = m["body"].as_str().unwrap_or("");
+        assert!(
+            !b.contains("forged") && !b.contains("truncated") && !b.contains("reused"),
+            "{m}"
+        );
+    }
+
+    // The user sees both devices and verifies the new one.
+    let fp = alice.cli(&["fingerprints", "evil"]);
+    let v = fp.json.first().expect("fingerprints json");
+    let devices = v["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), 2, "{v}");
+    let untrusted: Vec<&serde_json::Value> = devices
+        .iter()
+        .filter(|d| d["trust"] == "untrusted")
+        .collect();
+    assert_eq!(untrusted.len(), 1, "{v}");
+    assert_eq!(untrusted[0]["device"], dev2.device_id);
+    assert_eq!(
+        untrusted[0]["fingerprint"],
+        keys::fingerprint(&id2.ed_public())
+    );
+    assert!(
+        devices
+            .iter()
+            .any(|d| d["trust"] == "pinned" && d["device"] == dev.device_id),
+        "{v}"
+    );
+    let ver = alice.cli(&["verify", "evil", &dev2.device_id.to_string()]);
+    assert_eq!(
+        ver.json.first().expect("verify json")["trust"],
+        "verified",
+        "{}",
+        ver.stderr
+    );
+    let bad = alice.cli(&["verify", "evil", "12345"]);
+    assert_eq!(
+        bad.code, 2,
+        "an unknown device is a usage error: {}",
+        bad.stderr
+    );
+    let msg = bad
+        .json
+        .first()
+        .and_then(|j| j["error"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        msg.contains("coterie fingerprints"),
+        "the error says what to do: {msg}"
+    );
+    let after = enc_to(
+        &id2,
+        dev2.device_id,
+        &alice_jid,
+        alice_dev,
+        &mut s2,
+        &evil_jid,
+        "verified now",
+    );
+    conn.send(&stanza("ver", &after)).await.expect("send");
+    let m = wait_for(
+        "message from the verified device",
+        Duration::from_secs(20),
+        || {
+            alice
+                .history("evil", 50)
+                .into_iter()
+                .find(|m| m["body"] == "verified now")
+        },
+    );
+    assert!(m.get("unverified").is_none(), "{m}");
+
+    // A message on a ratchet the node does not know (as if the contact had
+    // lost its session): recorded, and the node rebuilds the session with an
+    // empty key-exchange message (XEP-0384), which we adopt.
+    let mut lost = Session::initiate(&id, &alice_bundle, &mut rand::rngs::OsRng).expect("initiate");
+    lost.confirmed = true;
+    let broken = enc_to(
+        &id,
+        dev.device_id,
+        &alice_jid,
+        alice_dev,
+        &mut lost,
+        &evil_jid,
+        "on a lost session",
+    );
+    conn.send(&stanza("lost", &broken)).await.expect("send");
+    let repair = next_encrypted(&mut rx, &mut conn).await;
+    assert!(
+        repair.payload.is_none() && repair.keys.iter().all(|k| k.kex),
+        "an empty key exchange: {repair:?}"
+    );
+    let out = dev
+        .decrypt(
+            &id,
+            &evil_jid,
+            RemoteDevice {
+                identity: Some(alice_mont),
+            },
+            &mut slot,
+            &repair,
+            0,
+            &mut rand::rngs::OsRng,
+        )
+        .expect("we adopt the rebuilt session");
+    assert!(out.new_session && out.plaintext.is_none());
+    alice.send("evil", "after the repair");
+    let next = next_encrypted(&mut rx, &mut conn).await;
+    let out = dev
+        .decrypt(
+            &id,
+            &evil_jid,
+            RemoteDevice {
+                identity: Some(alice_mont),
+            },
+            &mut slot,
+            &next,
+            0,
+            &mut rand::rngs::OsRng,
+        )
+        .expect("decrypts on the rebuilt session");
+    let body = sce::open(&out.plaintext.expect("payload"), &alice_jid).expect("envelope");
+    assert_eq!(body.as_deref(), Some("after the repair"));
+}
