@@ -171,6 +171,8 @@ mod tests {
             body: format!("m{seq}"),
             ts: 0,
             state: state.into(),
+            unverified: false,
+            undecryptable: None,
         }
     }
 
