@@ -396,6 +396,95 @@ fn store(n: usize) {
     );
 }
 
+/// Encrypt and decrypt cost of one 1 KB message, per OMEMO version: one
+/// way (a symmetric ratchet step per message) and ping-pong (a
+/// Diffie-Hellman ratchet step per message), including the `<encrypted/>`
+/// XML both ways.
+fn omemo(n: usize) {
+    use node::omemo::device::{Recipient, RemoteDevice, SessionSlot, encrypt};
+    use node::omemo::xml::EncryptedElement;
+    use node::omemo::{Identity, OwnDevice, Session, Version, sce};
+    println!("## OMEMO per 1 KB message, {n} messages per figure");
+    println!("| version | pattern | encrypt µs | decrypt µs |\n| --- | --- | --- | --- |");
+    let body = body_1k();
+    let mut rng = rand::rngs::OsRng;
+    for v in Version::ALL {
+        for ping_pong in [false, true] {
+            let ids = [Identity::from_seed(&[1; 32]), Identity::from_seed(&[2; 32])];
+            let mut devs = [OwnDevice::new(0, &mut rng), OwnDevice::new(0, &mut rng)];
+            let jids = ["a@bench", "b@bench"];
+            let mut slots = [SessionSlot::default(), SessionSlot::default()];
+            let b = devs[1].bundle(&ids[1], v);
+            slots[0].install(Session::initiate(&ids[0], &b, &mut rng).expect("initiate"));
+            let (mut enc_t, mut dec_t) = (0.0f64, 0.0f64);
+            for i in 0..n + 1 {
+                let (from, to) = if ping_pong && i % 2 == 1 {
+                    (1, 0)
+                } else {
+                    (0, 1)
+                };
+                let t = Instant::now();
+                let pt = match v {
+                    Version::V03 => body.as_bytes().to_vec(),
+                    Version::V2 => sce::seal(&body, jids[from], &mut rng),
+                };
+                let to_dev = devs[to].device_id;
+                let session = slots[from].current.as_mut().expect("session");
+                let mut r = [Recipient {
+                    jid: jids[to],
+                    device_id: to_dev,
+                    session,
+                }];
+                let el = encrypt(
+                    v,
+                    &ids[from],
+                    devs[from].device_id,
+                    &mut r,
+                    Some(&pt),
+                    &mut rng,
+                );
+                let xml = String::from(&el.to_element());
+                let t1 = Instant::now();
+                let parsed: minidom::Element = xml.parse().expect("xml");
+                let parsed = EncryptedElement::parse(&parsed, 1 << 16).expect("parse");
+                let [da, db] = &mut devs;
+                let d = if to == 0 { da } else { db };
+                let out = d
+                    .decrypt(
+                        &ids[to],
+                        jids[to],
+                        RemoteDevice { identity: None },
+                        &mut slots[to],
+                        &parsed,
+                        0,
+                        &mut rng,
+                    )
+                    .expect("decrypt");
+                if v == Version::V2 {
+                    sce::open(&out.plaintext.expect("payload"), jids[from]).expect("envelope");
+                }
+                let t2 = Instant::now();
+                // The first message (X3DH) is not counted.
+                if i > 0 {
+                    enc_t += (t1 - t).as_secs_f64();
+                    dec_t += (t2 - t1).as_secs_f64();
+                }
+            }
+            let pattern = if ping_pong {
+                "ping-pong (DH step)"
+            } else {
+                "one way"
+            };
+            println!(
+                "| {v} | {pattern} | {:.1} | {:.1} |",
+                enc_t * 1e6 / n as f64,
+                dec_t * 1e6 / n as f64
+            );
+        }
+    }
+    println!();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let what = args.get(1).map(String::as_str).unwrap_or("all");
@@ -432,6 +521,9 @@ fn main() {
     }
     if matches!(what, "all" | "throughput") {
         rt.block_on(throughput(flag("--messages", 20_000)));
+    }
+    if matches!(what, "all" | "omemo") {
+        omemo(flag("--omemo-messages", 10_000));
     }
     if matches!(what, "all" | "store") {
         store(flag("--store-messages", 1_000_000));
