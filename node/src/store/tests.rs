@@ -309,3 +309,113 @@ fn wipe_removes_the_profile() {
         Err(OpenStoreError::NoProfile(_))
     ));
 }
+
+mod omemo_state {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::omemo::pep::PepItem;
+    use crate::omemo::{Identity, OwnDevice, Version};
+
+    /// A contact whose device identity is `seed`'s key, pinned or not.
+    fn setup(pinned_seed: u8) -> (tempfile::TempDir, Store, u64, OmemoCtx) {
+        let (d, s) = new_store();
+        let peer = Identity::from_seed(&[pinned_seed; 32]);
+        let mut c = contact(1);
+        c.peer = peer.ed_public();
+        let id = s.add_contact(c).expect("add");
+        s.omemo_device(0).expect("own device");
+        let ctx = OmemoCtx {
+            identity: Arc::new(Identity::from_seed(&profile().seed)),
+            own_jid: "me.onion".into(),
+            peer_jid: "them.onion".into(),
+            pinned: peer.ed_public(),
+        };
+        (d, s, id, ctx)
+    }
+
+    fn bundles(seed: u8, versions: &[Version]) -> Vec<PepItem> {
+        let id = Identity::from_seed(&[seed; 32]);
+        let dev = OwnDevice::new(0, &mut rand::rngs::OsRng);
+        versions
+            .iter()
+            .map(|v| {
+                let b = dev.bundle(&id, *v);
+                let xml = String::from(&b.to_element());
+                PepItem::Bundle(dev.device_id, b, xml)
+            })
+            .collect()
+    }
+
+    fn namespace_sent(s: &Store, c: u64, ctx: &OmemoCtx) -> Option<String> {
+        let out = s.outbox_encrypted(c, 0, 10, ctx).expect("outbox");
+        out.items.iter().find_map(|(_, st)| match st {
+            OutStanza::Chat { omemo: Some(x), .. } => {
+                let el: minidom::Element = x.parse().expect("xml");
+                Some(el.ns())
+            }
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn omemo_2_when_the_device_speaks_it_else_0_3() {
+        let (_d, s, c, ctx) = setup(9);
+        s.queue_outgoing(c, "hello", 1).expect("q");
+        let l = s
+            .omemo_learn(c, ctx.pinned, bundles(9, &[Version::V03]), 0)
+            .expect("learn");
+        assert!(l.can_send && l.new_untrusted.is_empty());
+        assert_eq!(
+            namespace_sent(&s, c, &ctx).as_deref(),
+            Some(crate::omemo::NS_V03)
+        );
+
+        let (_d, s, c, ctx) = setup(9);
+        s.queue_outgoing(c, "hello", 1).expect("q");
+        s.omemo_learn(c, ctx.pinned, bundles(9, &Version::ALL), 0)
+            .expect("learn");
+        assert_eq!(
+            namespace_sent(&s, c, &ctx).as_deref(),
+            Some(crate::omemo::NS_V2)
+        );
+        // The ciphertext is kept: asking again gives the same bytes.
+        let a = s.outbox_encrypted(c, 0, 10, &ctx).expect("outbox");
+        let b = s.outbox_encrypted(c, 0, 10, &ctx).expect("outbox");
+        assert_eq!(a.items.len(), b.items.len());
+        match (&a.items[0].1, &b.items[0].1) {
+            (OutStanza::Chat { omemo: Some(x), .. }, OutStanza::Chat { omemo: Some(y), .. }) => {
+                assert_eq!(x, y)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_chat_waits_until_a_trusted_device_has_a_bundle() {
+        let (_d, s, c, ctx) = setup(9);
+        s.queue_outgoing(c, "hello", 1).expect("q");
+        let out = s.outbox_encrypted(c, 0, 10, &ctx).expect("outbox");
+        assert!(out.waiting && out.items.is_empty(), "no bundle yet: waits");
+        // A device whose key is not the pinned one is not trusted.
+        let l = s
+            .omemo_learn(c, ctx.pinned, bundles(5, &Version::ALL), 0)
+            .expect("learn");
+        assert_eq!(l.new_untrusted.len(), 1);
+        assert!(!l.can_send);
+        let out = s.outbox_encrypted(c, 0, 10, &ctx).expect("outbox");
+        assert!(
+            out.waiting && out.items.is_empty(),
+            "still nothing to a stranger's device"
+        );
+        // Verified by the user: now it can be encrypted to.
+        let dev = s.omemo_peer(c).expect("peer").devices[0].id;
+        assert!(s.omemo_verify(c, dev).expect("verify"));
+        let out = s.outbox_encrypted(c, 0, 10, &ctx).expect("outbox");
+        assert!(!out.waiting && out.items.len() == 1);
+        assert!(
+            !s.omemo_verify(c, dev ^ 1).expect("verify"),
+            "unknown device"
+        );
+    }
+}
