@@ -96,8 +96,8 @@ impl PeerOmemo {
                 .is_some_and(|d| d.bundles.iter().any(|(bv, _)| *bv == v))
     }
 
-    /// Trusted devices we can encrypt to, and the version to use: OMEMO 2
-    /// if all of them speak it, else 0.3.
+    /// Trusted devices we can encrypt to, and the version to use: the one
+    /// that reaches the most of them, OMEMO 2 on a tie.
     fn targets(&self) -> Option<(Version, Vec<u32>)> {
         let trusted: Vec<u32> = self
             .devices
@@ -105,25 +105,18 @@ impl PeerOmemo {
             .filter(|d| d.trust.trusted())
             .map(|d| d.id)
             .collect();
-        for v in Version::ALL {
-            let ok: Vec<u32> = trusted
-                .iter()
-                .copied()
-                .filter(|d| self.can_use(*d, v))
-                .collect();
-            if !ok.is_empty()
-                && ok.len()
-                    == trusted
-                        .iter()
-                        .filter(|d| {
-                            self.can_use(**d, Version::V2) || self.can_use(**d, Version::V03)
-                        })
-                        .count()
-            {
-                return Some((v, ok));
-            }
-        }
-        None
+        Version::ALL
+            .iter()
+            .map(|&v| {
+                let reach: Vec<u32> = trusted
+                    .iter()
+                    .copied()
+                    .filter(|d| self.can_use(*d, v))
+                    .collect();
+                (v, reach)
+            })
+            .filter(|(_, reach)| !reach.is_empty())
+            .max_by_key(|(v, reach)| (reach.len(), *v == Version::V2))
     }
 }
 
