@@ -439,6 +439,25 @@ pub struct RemoteDevice {
     pub identity: Option<[u8; 32]>,
 }
 
+/// Decrypts one ratchet message in session `s` and, with the key material
+/// it carries, the element's payload (if any).
+fn open_in(
+    s: &mut Session,
+    wire: &Wire,
+    el: &EncryptedElement,
+    now: u64,
+) -> Result<Option<Vec<u8>>> {
+    let ad = s.ad(false);
+    let mut km = s.ratchet.decrypt(&ad, wire, now)?;
+    let plaintext = el
+        .payload
+        .as_ref()
+        .map(|p| payload::open(el.version, &km, p, el.iv.as_deref()))
+        .transpose();
+    km.zeroize();
+    plaintext
+}
+
 /// The sessions with one device in one version: the one we send with, and
 /// a few earlier ones still accepted for decryption (messages in flight when
 /// a session was replaced, or both sides starting a session at once).
@@ -496,12 +515,6 @@ impl OwnDevice {
             .ok_or(OmemoError::NotForUs)?;
         let mut device = self.clone();
         let mut new_slot = slot.clone();
-        let payload_of = |km: &[u8]| -> Result<Option<Vec<u8>>> {
-            el.payload
-                .as_ref()
-                .map(|p| payload::open(v, km, p, el.iv.as_deref()))
-                .transpose()
-        };
         if key.kex {
             let p = parse_kex(v, &key.data)?;
             if sender.identity.is_some_and(|i| i != p.kex.ik) {
@@ -514,11 +527,7 @@ impl OwnDevice {
                 .chain(new_slot.previous.iter_mut())
                 .find(|s| s.version == v && s.initiation == Initiation::Passive && s.kex == p.kex);
             if let Some(s) = known {
-                let ad = s.ad(false);
-                let mut km = s.ratchet.decrypt(&ad, &wire, now)?;
-                let plaintext = payload_of(&km);
-                km.zeroize();
-                let plaintext = plaintext?;
+                let plaintext = open_in(s, &wire, el, now)?;
                 let sender_identity = s.their_identity;
                 *slot = new_slot;
                 return Ok(DecryptOutcome {
@@ -544,11 +553,7 @@ impl OwnDevice {
                 kex: p.kex,
                 confirmed: true,
             };
-            let ad = s.ad(false);
-            let mut km = s.ratchet.decrypt(&ad, &wire, now)?;
-            let plaintext = payload_of(&km);
-            km.zeroize();
-            let plaintext = plaintext?;
+            let plaintext = open_in(&mut s, &wire, el, now)?;
             let sender_identity = s.their_identity;
             // Both sides started a session at once: the side with the
             // smaller identity key keeps its own, the other adopts it.
@@ -578,12 +583,8 @@ impl OwnDevice {
             .chain(new_slot.previous.iter_mut())
             .filter(|s| s.version == v);
         for s in candidates {
-            let ad = s.ad(false);
-            match s.ratchet.decrypt(&ad, &wire, now) {
-                Ok(mut km) => {
-                    let plaintext = payload_of(&km);
-                    km.zeroize();
-                    let plaintext = plaintext?;
+            match open_in(s, &wire, el, now) {
+                Ok(plaintext) => {
                     s.confirmed = true;
                     let sender_identity = s.their_identity;
                     *slot = new_slot;

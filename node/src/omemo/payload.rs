@@ -7,12 +7,10 @@
 
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes128Gcm, Nonce};
-use hkdf::Hkdf;
-use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::ratchet::{cbc_decrypt, cbc_encrypt, mac};
+use super::ratchet::{cbc_decrypt, cbc_encrypt, derive, mac};
 use super::{OmemoError, Result, Version};
 
 /// An encrypted payload and the key material that opens it.
@@ -32,18 +30,7 @@ impl std::fmt::Debug for Sealed {
 }
 
 fn v2_keys(key: &[u8]) -> ([u8; 32], [u8; 32], [u8; 16]) {
-    let hk = Hkdf::<Sha256>::new(Some(&[0u8; 32]), key);
-    let mut okm = [0u8; 80];
-    hk.expand(b"OMEMO Payload", &mut okm)
-        .unwrap_or_else(|_| unreachable!());
-    let mut e = [0u8; 32];
-    let mut a = [0u8; 32];
-    let mut iv = [0u8; 16];
-    e.copy_from_slice(&okm[..32]);
-    a.copy_from_slice(&okm[32..64]);
-    iv.copy_from_slice(&okm[64..]);
-    okm.zeroize();
-    (e, a, iv)
+    derive(b"OMEMO Payload", key)
 }
 
 /// Encrypts `plaintext`.

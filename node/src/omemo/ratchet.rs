@@ -386,8 +386,8 @@ impl Ratchet {
     }
 }
 
-/// The AES key, HMAC key and IV of a message key.
-fn derive(info: &[u8], key: &[u8]) -> ([u8; 32], [u8; 32], [u8; 16]) {
+/// The AES key, HMAC key and IV of a key: HKDF-SHA-256(salt 0³², info) → 80 bytes.
+pub(crate) fn derive(info: &[u8], key: &[u8]) -> ([u8; 32], [u8; 32], [u8; 16]) {
     let hk = Hkdf::<Sha256>::new(Some(&[0u8; 32]), key);
     let mut okm = [0u8; 80];
     // 80 bytes is far below HKDF-SHA-256's limit.

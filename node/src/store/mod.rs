@@ -757,101 +757,51 @@ impl Store {
             for item in items {
                 st.in_h += 1;
                 let dec = decrypted.next().flatten();
-                match item {
+                let message = match item {
                     Incoming::Encrypted {
                         id, wants_receipt, ..
-                    } => {
-                        let Some(d) = dec else { continue };
-                        let seq = st.next_seq.max(1);
-                        st.next_seq = seq + 1;
-                        let m = omemo::message_of(d, seq, id, now_ms);
-                        let receipt = *wants_receipt && m.undecryptable.is_none();
-                        self.put_message(&mut mt, contact, &m)?;
-                        res.new_messages.push(seq);
-                        if receipt {
-                            st.out_last += 1;
-                            let nonce: u32 = rand::random();
-                            let r = OutStanza::Receipt {
-                                id: format!("r{}.{nonce:08x}", st.out_last),
-                                of: id.clone(),
-                            };
-                            self.put_out(&mut ot, contact, st.out_last, &r)?;
-                            res.queued_stanzas = true;
-                        }
-                    }
+                    } => dec.map(|d| (d, id, *wants_receipt)),
                     Incoming::Plain { id } => {
                         tracing::warn!("a contact sent a message without OMEMO; not shown");
-                        let seq = st.next_seq.max(1);
-                        st.next_seq = seq + 1;
-                        let m = omemo::message_of(
-                            omemo::Decrypted::Failed(crate::omemo::OmemoError::Malformed(
-                                "message sent without encryption",
-                            )),
-                            seq,
-                            id,
-                            now_ms,
-                        );
-                        self.put_message(&mut mt, contact, &m)?;
-                        res.new_messages.push(seq);
+                        let e =
+                            crate::omemo::OmemoError::Malformed("message sent without encryption");
+                        Some((omemo::Decrypted::Failed(e), id, false))
                     }
                     Incoming::Chat {
                         id,
                         body,
                         wants_receipt,
-                    } => {
-                        let seq = st.next_seq.max(1);
-                        st.next_seq = seq + 1;
-                        let m = Message {
-                            seq,
-                            dir: Direction::In,
+                    } => Some((
+                        omemo::Decrypted::Body {
                             body: body.clone(),
-                            ts: now_ms,
-                            state: Delivery::Received,
-                            stanza_id: id.clone(),
                             unverified: false,
-                            undecryptable: None,
-                        };
-                        self.put_message(&mut mt, contact, &m)?;
-                        res.new_messages.push(seq);
-                        if *wants_receipt {
-                            st.out_last += 1;
-                            let nonce: u32 = rand::random();
-                            let r = OutStanza::Receipt {
-                                id: format!("r{}.{nonce:08x}", st.out_last),
-                                of: id.clone(),
-                            };
-                            self.put_out(&mut ot, contact, st.out_last, &r)?;
-                            res.queued_stanzas = true;
-                        }
-                    }
+                        },
+                        id,
+                        *wants_receipt,
+                    )),
                     Incoming::Receipt { of } => {
-                        // Our ids are "m<seq>.<nonce>": find the message, check the id matches.
-                        let seq = of
-                            .strip_prefix('m')
-                            .and_then(|s| s.split('.').next())
-                            .and_then(|s| s.parse::<u64>().ok());
-                        if let Some(seq) = seq {
-                            let m: Option<Message> =
-                                match mt.get((contact, seq)).ctx("read message")? {
-                                    Some(v) => Some(self.open_json(
-                                        "messages",
-                                        &k128(contact, seq),
-                                        v.value(),
-                                    )?),
-                                    None => None,
-                                };
-                            if let Some(mut m) = m.filter(|m| {
-                                m.dir == Direction::Out
-                                    && &m.stanza_id == of
-                                    && m.state != Delivery::Delivered
-                            }) {
-                                m.state = Delivery::Delivered;
-                                self.put_message(&mut mt, contact, &m)?;
-                                res.delivered.push(seq);
-                            }
-                        }
+                        self.apply_receipt(&mut mt, contact, of, &mut res)?;
+                        None
                     }
-                    Incoming::Other => {}
+                    Incoming::Other => None,
+                };
+                if let Some((d, id, wants_receipt)) = message {
+                    let seq = st.next_seq.max(1);
+                    st.next_seq = seq + 1;
+                    let m = omemo::message_of(d, seq, id, now_ms);
+                    self.put_message(&mut mt, contact, &m)?;
+                    res.new_messages.push(seq);
+                    // No receipt for what the user cannot read.
+                    if wants_receipt && m.undecryptable.is_none() {
+                        st.out_last += 1;
+                        let nonce: u32 = rand::random();
+                        let r = OutStanza::Receipt {
+                            id: format!("r{}.{nonce:08x}", st.out_last),
+                            of: id.clone(),
+                        };
+                        self.put_out(&mut ot, contact, st.out_last, &r)?;
+                        res.queued_stanzas = true;
+                    }
                 }
             }
             for el in std::mem::take(&mut res.repairs) {
@@ -868,6 +818,34 @@ impl Store {
             res.h = st.in_h;
         }
         Ok(res)
+    }
+
+    /// A receipt for one of our messages: marks it delivered if the id
+    /// names one of ours ("m<seq>.<nonce>", checked in full).
+    fn apply_receipt(
+        &self,
+        mt: &mut redb::Table<(u64, u64), &[u8]>,
+        contact: u64,
+        of: &str,
+        res: &mut Received,
+    ) -> Result<(), StoreError> {
+        let seq = of
+            .strip_prefix('m')
+            .and_then(|s| s.split('.').next())
+            .and_then(|s| s.parse::<u64>().ok());
+        let Some(seq) = seq else { return Ok(()) };
+        let m: Option<Message> = match mt.get((contact, seq)).ctx("read message")? {
+            Some(v) => Some(self.open_json("messages", &k128(contact, seq), v.value())?),
+            None => None,
+        };
+        if let Some(mut m) = m.filter(|m| {
+            m.dir == Direction::Out && m.stanza_id == of && m.state != Delivery::Delivered
+        }) {
+            m.state = Delivery::Delivered;
+            self.put_message(mt, contact, &m)?;
+            res.delivered.push(seq);
+        }
+        Ok(())
     }
 
     /// The latest `limit` messages with `contact`, oldest first.
