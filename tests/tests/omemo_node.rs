@@ -160,19 +160,14 @@ async fn node_encrypts_everything_and_survives_bad_omemo_input() {
     let enc = EncryptedElement::parse(enc, 1 << 16).expect("parse");
     let mut slot = SessionSlot::default();
     let alice_mont = keys::ed_to_mont(alice_key.as_bytes()).expect("mont");
-    let out = dev
-        .decrypt(
-            &id,
-            &evil_jid,
-            RemoteDevice {
-                identity: Some(alice_mont),
-            },
-            &mut slot,
-            &enc,
-            0,
-            &mut rand::rngs::OsRng,
-        )
-        .expect("we decrypt the node's message");
+    // Decrypts what the node sent us.
+    let from_alice = |dev: &mut OwnDevice, slot: &mut SessionSlot, el: &EncryptedElement| {
+        let known = RemoteDevice {
+            identity: Some(alice_mont),
+        };
+        dev.decrypt(&id, &evil_jid, known, slot, el, 0, &mut rand::rngs::OsRng)
+    };
+    let out = from_alice(&mut dev, &mut slot, &enc).expect("we decrypt the node's message");
     let body = sce::open(&out.plaintext.expect("payload"), &alice_jid).expect("envelope");
     assert_eq!(body.as_deref(), Some("the plan <is> & stays secret"));
     let mut session = slot.current.clone().expect("session");
@@ -398,35 +393,11 @@ async fn node_encrypts_everything_and_survives_bad_omemo_input() {
         repair.payload.is_none() && repair.keys.iter().all(|k| k.kex),
         "an empty key exchange: {repair:?}"
     );
-    let out = dev
-        .decrypt(
-            &id,
-            &evil_jid,
-            RemoteDevice {
-                identity: Some(alice_mont),
-            },
-            &mut slot,
-            &repair,
-            0,
-            &mut rand::rngs::OsRng,
-        )
-        .expect("we adopt the rebuilt session");
+    let out = from_alice(&mut dev, &mut slot, &repair).expect("we adopt the rebuilt session");
     assert!(out.new_session && out.plaintext.is_none());
     alice.send("evil", "after the repair");
     let next = next_encrypted(&mut rx, &mut conn).await;
-    let out = dev
-        .decrypt(
-            &id,
-            &evil_jid,
-            RemoteDevice {
-                identity: Some(alice_mont),
-            },
-            &mut slot,
-            &next,
-            0,
-            &mut rand::rngs::OsRng,
-        )
-        .expect("decrypts on the rebuilt session");
+    let out = from_alice(&mut dev, &mut slot, &next).expect("decrypts on the rebuilt session");
     let body = sce::open(&out.plaintext.expect("payload"), &alice_jid).expect("envelope");
     assert_eq!(body.as_deref(), Some("after the repair"));
 }

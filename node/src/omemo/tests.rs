@@ -230,28 +230,32 @@ fn a_lost_session_is_rebuilt_by_a_new_key_exchange() {
     }
 }
 
-#[test]
-fn signed_prekey_rotation_keeps_the_previous_one() {
-    let (a, mut b) = pair();
-    let v = Version::V2;
-    let old_bundle = b.bundle(v);
-    assert!(b.dev.maintain(device::SPK_ROTATION, &mut rand::rngs::OsRng));
-    assert_ne!(b.dev.spk_id(), old_bundle.spk_id);
-    // a still holds the old bundle: its key exchange is accepted.
-    let mut s = Session::initiate(&a.id, &old_bundle, &mut rand::rngs::OsRng).expect("initiate");
+/// A first message (key exchange) from `a` to `b` built from `bundle`.
+fn first_message(a: &Dev, b: &Dev, bundle: &Bundle) -> EncryptedElement {
+    let mut s = Session::initiate(&a.id, bundle, &mut rand::rngs::OsRng).expect("initiate");
     let mut r = [Recipient {
         jid: &b.jid,
         device_id: b.dev.device_id,
         session: &mut s,
     }];
-    let m = encrypt(
-        v,
+    encrypt(
+        bundle.version,
         &a.id,
         a.dev.device_id,
         &mut r,
         Some(b"hi"),
         &mut rand::rngs::OsRng,
-    );
+    )
+}
+
+#[test]
+fn signed_prekey_rotation_keeps_the_previous_one() {
+    let (a, mut b) = pair();
+    let old_bundle = b.bundle(Version::V2);
+    assert!(b.dev.maintain(device::SPK_ROTATION, &mut rand::rngs::OsRng));
+    assert_ne!(b.dev.spk_id(), old_bundle.spk_id);
+    // a still holds the old bundle: its key exchange is accepted.
+    let m = first_message(&a, &b, &old_bundle);
     assert_eq!(
         b.recv(&a, &m.to_element()).expect("old spk").as_deref(),
         Some("hi")
@@ -259,20 +263,7 @@ fn signed_prekey_rotation_keeps_the_previous_one() {
     // After a second rotation it is gone.
     b.dev
         .maintain(2 * device::SPK_ROTATION, &mut rand::rngs::OsRng);
-    let mut s = Session::initiate(&a.id, &old_bundle, &mut rand::rngs::OsRng).expect("initiate");
-    let mut r = [Recipient {
-        jid: &b.jid,
-        device_id: b.dev.device_id,
-        session: &mut s,
-    }];
-    let m = encrypt(
-        v,
-        &a.id,
-        a.dev.device_id,
-        &mut r,
-        Some(b"hi"),
-        &mut rand::rngs::OsRng,
-    );
+    let m = first_message(&a, &b, &old_bundle);
     assert!(matches!(
         b.recv(&a, &m.to_element()),
         Err(OmemoError::UnknownSignedPreKey(_))
