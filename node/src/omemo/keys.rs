@@ -23,6 +23,7 @@ use super::{OmemoError, Result, Version};
 pub struct Identity {
     signing: SigningKey,
     x: StaticSecret,
+    mont: [u8; 32],
 }
 
 impl std::fmt::Debug for Identity {
@@ -38,10 +39,9 @@ impl Identity {
         let h = Sha512::digest(seed);
         let mut scalar = Zeroizing::new([0u8; 32]);
         scalar.copy_from_slice(&h[..32]);
-        Identity {
-            signing,
-            x: StaticSecret::from(*scalar),
-        }
+        let x = StaticSecret::from(*scalar);
+        let mont = PublicKey::from(&x).to_bytes();
+        Identity { signing, x, mont }
     }
 
     /// Ed25519 public key.
@@ -51,7 +51,7 @@ impl Identity {
 
     /// Curve25519 (Montgomery) public key.
     pub fn mont_public(&self) -> [u8; 32] {
-        PublicKey::from(&self.x).to_bytes()
+        self.mont
     }
 
     /// X25519 with our identity key.

@@ -192,6 +192,10 @@ pub struct Ratchet {
     root: [u8; 32],
     #[serde(with = "b64")]
     own_priv: [u8; 32],
+    /// Public half of `own_priv` (kept: a scalar multiplication per message
+    /// is most of the cost of encrypting).
+    #[serde(with = "b64")]
+    own_pub: [u8; 32],
     #[serde(with = "b64")]
     other_pub: [u8; 32],
     send: Chain,
@@ -234,11 +238,12 @@ impl Ratchet {
         their_spk: [u8; 32],
         rng: &mut (impl rand::RngCore + rand::CryptoRng),
     ) -> Result<Ratchet> {
-        let (own, _) = keys::generate(rng);
+        let (own, own_pub) = keys::generate(rng);
         let mut r = Ratchet {
             version,
             root: shared,
             own_priv: *own,
+            own_pub,
             other_pub: their_spk,
             send: Chain::new([0; 32]),
             recv: None,
@@ -261,6 +266,7 @@ impl Ratchet {
             version,
             root: shared,
             own_priv: *own_spk,
+            own_pub: [0; 32],
             other_pub: their_ratchet,
             send: Chain::new([0; 32]),
             recv: None,
@@ -268,8 +274,9 @@ impl Ratchet {
             skipped: Vec::new(),
         };
         r.recv = Some(Chain::new(r.root_step()?));
-        let (own, _) = keys::generate(rng);
+        let (own, own_pub) = keys::generate(rng);
         r.own_priv = *own;
+        r.own_pub = own_pub;
         r.send = Chain::new(r.root_step()?);
         Ok(r)
     }
@@ -294,7 +301,7 @@ impl Ratchet {
     /// orders them). Returns the serialized, authenticated message.
     pub fn encrypt(&mut self, ad: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let header = Header {
-            dh: keys::public_of(&self.own_priv),
+            dh: self.own_pub,
             pn: self.pn,
             n: self.send.n,
         };
@@ -352,12 +359,9 @@ impl Ratchet {
             }
             self.other_pub = h.dh;
             self.recv = Some(Chain::new(self.root_step()?));
-            let own = {
-                let mut b = [0u8; 32];
-                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
-                b
-            };
-            self.own_priv = own;
+            let (own, own_pub) = keys::generate(&mut rand::rngs::OsRng);
+            self.own_priv = *own;
+            self.own_pub = own_pub;
             self.pn = self.send.n;
             self.send = Chain::new(self.root_step()?);
         }
