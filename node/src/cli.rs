@@ -459,7 +459,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                     contact: contact.clone(),
                     text: text.clone(),
                 },
-                |s| Ok(ops::send(s, &contact, &text, ops::now_ms())?.1),
+                |s| Ok(ops::send(s, &contact, &text, ops::now_ms(), None)?.1),
             )?;
             if out.json {
                 out.json(&m);

@@ -12,8 +12,10 @@ use crate::store::{
 
 /// Longest message body accepted from the user, in bytes.
 pub const MAX_BODY: usize = 16 * 1024;
-/// Largest encoded chat stanza we queue: well under the receiver's 64 KiB limit.
-const MAX_STANZA_FOR_BODY: usize = 60 * 1024;
+/// Largest escaped body we queue: encrypted (XEP-0420 envelope, AES-CBC,
+/// base64, keys for a dozen devices) it stays under the receiver's 64 KiB
+/// stanza limit.
+const MAX_STANZA_FOR_BODY: usize = 40 * 1024;
 
 /// Why an operation failed; each variant maps to a documented exit code.
 #[derive(Debug, thiserror::Error)]
@@ -310,6 +312,7 @@ pub fn send(
     sel: &str,
     text: &str,
     now_ms: u64,
+    omemo: Option<&crate::store::OwnOmemo>,
 ) -> Result<(Contact, MessageView), OpError> {
     if text.is_empty() {
         return Err(OpError::Usage("the message is empty".into()));
@@ -334,7 +337,12 @@ pub fn send(
         ));
     }
     let c = find_contact(store, sel)?;
-    let m = store.queue_outgoing(c.id, text, now_ms)?;
+    // With a running node the message is encrypted as it is queued; the
+    // CLI without a node leaves that to the node's first send.
+    let m = match omemo.and_then(|o| o.ctx(c.peer)) {
+        Some(ctx) => store.queue_outgoing_encrypted(c.id, text, now_ms, &ctx)?,
+        None => store.queue_outgoing(c.id, text, now_ms)?,
+    };
     Ok((c, MessageView::from(&m)))
 }
 

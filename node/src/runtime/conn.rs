@@ -630,12 +630,7 @@ async fn read_loop(
     // Large reads mean large batches: one store transaction (one fsync) per read.
     let mut buf = vec![0u8; 256 * 1024];
     let mut flow = Flow {
-        ctx: Some(OmemoCtx {
-            identity: shared.identity.clone(),
-            own_jid: shared.me.onion_address(),
-            peer_jid: ids.peer.onion_address(),
-            pinned: *ids.peer.as_bytes(),
-        }),
+        ctx: shared.omemo.ctx(*ids.peer.as_bytes()),
         ..Flow::default()
     };
     let mut last_rx = Instant::now();
@@ -864,7 +859,7 @@ async fn store_batch(
 async fn announce(shared: &Arc<Shared>, session: &mut Session) -> Result<(), String> {
     let now = crate::ops::now_ms() / 1000;
     let own = store_op(shared, move |s| s.omemo_device(now)).await?;
-    for el in crate::omemo::pep::announcements(&own, &shared.identity) {
+    for el in crate::omemo::pep::announcements(&own, &shared.omemo.identity) {
         session.send_element(&el);
     }
     Ok(())

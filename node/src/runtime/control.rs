@@ -280,8 +280,9 @@ pub(crate) async fn do_send(
     text: &str,
 ) -> Result<MessageView, OpError> {
     let (contact, text) = (contact.to_string(), text.to_string());
+    let own = shared.omemo.clone();
     let (c, m) = db(&shared.store, move |s| {
-        ops::send(s, &contact, &text, ops::now_ms())
+        ops::send(s, &contact, &text, ops::now_ms(), Some(&own))
     })
     .await??;
     shared.outbox_grew(c.id);

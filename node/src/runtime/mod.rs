@@ -143,8 +143,8 @@ pub(crate) struct Stats {
 pub(crate) struct Shared {
     pub(crate) store: Arc<Store>,
     pub(crate) me: PeerId,
-    /// Our OMEMO identity (the same key as `me`).
-    pub(crate) identity: Arc<crate::omemo::Identity>,
+    /// Our OMEMO identity (the same key as `me`) and device.
+    pub(crate) omemo: crate::store::OwnOmemo,
     pub(crate) cfg: NodeConfig,
     /// peer key → contact id, for the TLS policy.
     pub(crate) contacts: RwLock<HashMap<PeerId, u64>>,
@@ -274,11 +274,15 @@ impl Node {
         let key = SecretKey::from_seed(&profile.seed);
         let me = key.peer_id();
         let tls = TlsContext::new(&key)?;
-        let identity = Arc::new(crate::omemo::Identity::from_seed(&profile.seed));
         // Our OMEMO device exists (prekeys replenished, signed prekey rotated)
         // before any stream opens.
         let now_s = crate::ops::now_ms() / 1000;
-        db(&store, move |s| s.omemo_device(now_s)).await??;
+        let device = db(&store, move |s| s.omemo_device(now_s)).await??;
+        let omemo = crate::store::OwnOmemo {
+            identity: Arc::new(crate::omemo::Identity::from_seed(&profile.seed)),
+            jid: me.onion_address(),
+            device_id: device.device_id,
+        };
         let (stop, shutdown) = watch::channel(false);
         let mut transports: Vec<Arc<dyn Transport>> = vec![
             Arc::new(transport::tcp::TcpTransport::new(tls.clone())),
@@ -290,7 +294,7 @@ impl Node {
         let shared = Arc::new_cyclic(|_| Shared {
             store: store.clone(),
             me,
-            identity,
+            omemo,
             cfg: cfg.clone(),
             contacts: RwLock::new(HashMap::new()),
             open_invites: AtomicBool::new(false),

@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 use crate::store::crypto::{DataKey, KdfParams, KeyError};
 pub use crate::store::model::*;
-pub use crate::store::omemo::{Learned, OmemoCtx, Outbox};
+pub use crate::store::omemo::{Learned, OmemoCtx, Outbox, OwnOmemo};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PROFILE: TableDefinition<u64, &[u8]> = TableDefinition::new("profile");
@@ -579,6 +579,31 @@ impl Store {
         bodies: &[&str],
         now_ms: u64,
     ) -> Result<Vec<Message>, StoreError> {
+        self.queue_in(contact, bodies, now_ms, None)
+    }
+
+    /// Like [`Store::queue_outgoing`], and encrypts the stanza in the same
+    /// transaction when a trusted device of the contact is known (else it
+    /// is encrypted when it is first sent).
+    pub fn queue_outgoing_encrypted(
+        &self,
+        contact: u64,
+        body: &str,
+        now_ms: u64,
+        ctx: &OmemoCtx,
+    ) -> Result<Message, StoreError> {
+        let mut v = self.queue_in(contact, &[body], now_ms, Some(ctx))?;
+        v.pop()
+            .ok_or_else(|| StoreError::new("queue message", "nothing queued"))
+    }
+
+    fn queue_in(
+        &self,
+        contact: u64,
+        bodies: &[&str],
+        now_ms: u64,
+        ctx: Option<&OmemoCtx>,
+    ) -> Result<Vec<Message>, StoreError> {
         let tx = self.db.begin_write().ctx("write")?;
         let mut out = Vec::with_capacity(bodies.len());
         {
@@ -586,6 +611,10 @@ impl Store {
             let mut st = self.peer_state_in(&peers, contact)?;
             let mut mt = tx.open_table(MESSAGES).ctx("open messages")?;
             let mut ot = tx.open_table(OUTBOX).ctx("open outbox")?;
+            let mut enc = match ctx {
+                Some(ctx) => Some(omemo::Encryptor::open(self, &tx, contact, ctx)?),
+                None => None,
+            };
             for body in bodies {
                 let seq = st.next_seq.max(1);
                 st.next_seq = seq + 1;
@@ -606,10 +635,13 @@ impl Store {
                     id: msg.stanza_id.clone(),
                     body: msg.body.clone(),
                     seq,
-                    omemo: None,
+                    omemo: enc.as_mut().and_then(|e| e.encrypt(body)),
                 };
                 self.put_out(&mut ot, contact, st.out_last, &stanza)?;
                 out.push(msg);
+            }
+            if let Some(e) = enc {
+                e.save(self, &tx, contact)?;
             }
             self.put_peer_state(&mut peers, contact, &st)?;
         }

@@ -33,11 +33,45 @@ pub struct OmemoCtx {
     pub peer_jid: String,
     /// The contact's key pinned by the invite (Ed25519).
     pub pinned: [u8; 32],
+    /// Our OMEMO device id.
+    pub device_id: u32,
 }
 
 impl std::fmt::Debug for OmemoCtx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("OmemoCtx(..)")
+    }
+}
+
+/// Our side of every conversation: identity, JID, device id.
+#[derive(Clone)]
+pub struct OwnOmemo {
+    /// Our identity key.
+    pub identity: Arc<Identity>,
+    /// Our bare JID (the onion address).
+    pub jid: String,
+    /// Our OMEMO device id.
+    pub device_id: u32,
+}
+
+impl std::fmt::Debug for OwnOmemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OwnOmemo(device {})", self.device_id)
+    }
+}
+
+impl OwnOmemo {
+    /// The context of a conversation with the contact whose pinned key is
+    /// `pinned` (Ed25519); `None` if that is not a valid key.
+    pub fn ctx(&self, pinned: [u8; 32]) -> Option<OmemoCtx> {
+        let peer = transport::PeerId::from_bytes(pinned).ok()?;
+        Some(OmemoCtx {
+            identity: self.identity.clone(),
+            own_jid: self.jid.clone(),
+            peer_jid: peer.onion_address(),
+            pinned,
+            device_id: self.device_id,
+        })
     }
 }
 
@@ -307,9 +341,6 @@ impl Store {
         let out = {
             let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
             let mut ot = tx.open_table(super::OUTBOX).ctx("open outbox")?;
-            let own = self
-                .own_device_in(&t)?
-                .ok_or_else(|| StoreError::new("encrypt", "no OMEMO device yet"))?;
             let mut p = self.peer_omemo_in(&t, contact)?;
             let mut rng = rand::rngs::OsRng;
             let mut ready = Vec::with_capacity(items.len());
@@ -327,8 +358,7 @@ impl Store {
                             waiting = true;
                             break;
                         };
-                        let Some(el) =
-                            encrypt_for(&mut p, ctx, &own, v, &devices, Some(&body), &mut rng)
+                        let Some(el) = encrypt_for(&mut p, ctx, v, &devices, Some(&body), &mut rng)
                         else {
                             waiting = true;
                             break;
@@ -471,8 +501,7 @@ impl Store {
                         && let Ok(s) = Session::initiate(&ctx.identity, &b, &mut rng)
                     {
                         p.slot(sid, v).install(s);
-                        if let Some(el) = encrypt_for(&mut p, ctx, &own, v, &[sid], None, &mut rng)
-                        {
+                        if let Some(el) = encrypt_for(&mut p, ctx, v, &[sid], None, &mut rng) {
                             repaired.push((sid, v));
                             res.repairs.push(el);
                         }
@@ -511,7 +540,6 @@ pub(super) enum Decrypted {
 fn encrypt_for(
     p: &mut PeerOmemo,
     ctx: &OmemoCtx,
-    own: &OwnDevice,
     v: Version,
     devices: &[u32],
     body: Option<&str>,
@@ -550,7 +578,7 @@ fn encrypt_for(
         encrypt(
             v,
             &ctx.identity,
-            own.device_id,
+            ctx.device_id,
             &mut recipients,
             plaintext.as_deref(),
             rng,
@@ -559,7 +587,76 @@ fn encrypt_for(
     for (d, s) in sessions {
         p.slot(d, v).current = Some(s);
     }
-    Some(String::from(&el.to_element()))
+    let xml = String::from(&el.to_element());
+    // The receiver refuses stanzas over 64 KiB: never send one (the
+    // sender's body limit keeps this from happening with a few devices).
+    if xml.len() > MAX_ENCRYPTED_XML {
+        tracing::warn!(
+            devices = devices.len(),
+            "an encrypted message would be too large to send"
+        );
+        return None;
+    }
+    Some(xml)
+}
+
+/// Largest `<encrypted/>` element we send (the receiver's stanza limit is 64 KiB).
+pub const MAX_ENCRYPTED_XML: usize = 62 * 1024;
+
+/// Encrypts several messages to one contact inside a store transaction.
+pub(super) struct Encryptor<'c> {
+    ctx: &'c OmemoCtx,
+    peer: PeerOmemo,
+    targets: Option<(Version, Vec<u32>)>,
+    changed: bool,
+}
+
+impl<'c> Encryptor<'c> {
+    pub(super) fn open(
+        store: &Store,
+        tx: &redb::WriteTransaction,
+        contact: u64,
+        ctx: &'c OmemoCtx,
+    ) -> Result<Self, StoreError> {
+        let t = tx.open_table(OMEMO).ctx("open omemo")?;
+        let peer = store.peer_omemo_in(&t, contact)?;
+        let targets = peer.targets();
+        Ok(Encryptor {
+            ctx,
+            peer,
+            targets,
+            changed: false,
+        })
+    }
+
+    /// The `<encrypted/>` XML for `body`, or `None` if it cannot be
+    /// encrypted now (it will be when first sent).
+    pub(super) fn encrypt(&mut self, body: &str) -> Option<String> {
+        let (v, devices) = self.targets.clone()?;
+        let el = encrypt_for(
+            &mut self.peer,
+            self.ctx,
+            v,
+            &devices,
+            Some(body),
+            &mut rand::rngs::OsRng,
+        )?;
+        self.changed = true;
+        Some(el)
+    }
+
+    pub(super) fn save(
+        self,
+        store: &Store,
+        tx: &redb::WriteTransaction,
+        contact: u64,
+    ) -> Result<(), StoreError> {
+        if self.changed {
+            let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
+            store.put_omemo(&mut t, contact, &self.peer)?;
+        }
+        Ok(())
+    }
 }
 
 /// The message row for a decrypted item.

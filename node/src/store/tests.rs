@@ -324,12 +324,13 @@ mod omemo_state {
         let mut c = contact(1);
         c.peer = peer.ed_public();
         let id = s.add_contact(c).expect("add");
-        s.omemo_device(0).expect("own device");
+        let own = s.omemo_device(0).expect("own device");
         let ctx = OmemoCtx {
             identity: Arc::new(Identity::from_seed(&profile().seed)),
             own_jid: "me.onion".into(),
             peer_jid: "them.onion".into(),
             pinned: peer.ed_public(),
+            device_id: own.device_id,
         };
         (d, s, id, ctx)
     }
@@ -417,5 +418,48 @@ mod omemo_state {
             !s.omemo_verify(c, dev ^ 1).expect("verify"),
             "unknown device"
         );
+    }
+
+    #[test]
+    fn the_largest_accepted_bodies_encrypt_under_the_stanza_limit() {
+        let (_d, s, c, ctx) = setup(9);
+        // Three devices of the contact, all trusted by the user.
+        for seed in [9, 10, 11] {
+            s.omemo_learn(c, ctx.pinned, bundles(seed, &Version::ALL), 0)
+                .expect("learn");
+        }
+        for d in s.omemo_peer(c).expect("peer").devices {
+            s.omemo_verify(c, d.id).expect("verify");
+        }
+        let own = OwnOmemo {
+            identity: ctx.identity.clone(),
+            jid: ctx.own_jid.clone(),
+            device_id: ctx.device_id,
+        };
+        let name = s.contact(c).expect("c").expect("contact").name;
+        for ch in ['a', '&', '<', '"', 'é', '🙂'] {
+            // The longest body of this character that `send` accepts.
+            let mut n = crate::ops::MAX_BODY;
+            let body = loop {
+                let b: String = std::iter::repeat_n(ch, n / ch.len_utf8()).collect();
+                if crate::ops::send(&s, &name, &b, 1, Some(&own)).is_ok() {
+                    break b;
+                }
+                n -= n / 8;
+            };
+            assert!(!body.is_empty());
+            let out = s.outbox_encrypted(c, 0, usize::MAX, &ctx).expect("outbox");
+            for (_, st) in &out.items {
+                if let OutStanza::Chat { omemo: Some(x), .. } = st {
+                    let unit = crate::stream::session::encode_encrypted(
+                        "m18446744073709551615.ffffffff",
+                        x,
+                        true,
+                    )
+                    .expect("encode");
+                    assert!(unit.len() < 64 * 1024, "{ch:?}: {} bytes", unit.len());
+                }
+            }
+        }
     }
 }
