@@ -361,7 +361,7 @@ fn device_view(d: &crate::store::DeviceRecord) -> DeviceView {
         device: d.id,
         fingerprint: crate::omemo::keys::fingerprint_mont(&d.identity),
         trust: d.trust.as_str().into(),
-        versions: d.bundles.iter().map(|(v, _)| v.to_string()).collect(),
+        versions: d.versions.iter().map(|v| v.to_string()).collect(),
     }
 }
 

@@ -513,7 +513,6 @@ impl OwnDevice {
                         .is_none_or(|j| j.eq_ignore_ascii_case(own_jid))
             })
             .ok_or(OmemoError::NotForUs)?;
-        let mut device = self.clone();
         let mut new_slot = slot.clone();
         if key.kex {
             let p = parse_kex(v, &key.data)?;
@@ -536,6 +535,9 @@ impl OwnDevice {
                     sender_identity,
                 });
             }
+            // A new session: it uses up a one-time prekey (on a copy until
+            // the message is proven authentic).
+            let mut device = self.clone();
             let spk = device
                 .spk_secret(p.kex.spk_id)
                 .ok_or(OmemoError::UnknownSignedPreKey(p.kex.spk_id))?;

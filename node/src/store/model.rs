@@ -295,8 +295,9 @@ pub struct DeviceRecord {
     pub identity: [u8; 32],
     /// Trust.
     pub trust: Trust,
-    /// Its latest bundles (XML), per version.
-    pub bundles: Vec<(crate::omemo::Version, String)>,
+    /// The versions it published a bundle for (the bundles themselves are
+    /// kept apart: see [`PeerBundles`]).
+    pub versions: Vec<crate::omemo::Version>,
     /// Unix seconds when first seen.
     pub first_seen: u64,
 }
@@ -305,6 +306,15 @@ impl std::fmt::Debug for DeviceRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Device({}, {:?})", self.id, self.trust)
     }
+}
+
+/// A contact's latest bundles (XML), per device and version. Kept in their
+/// own row: they are large (100 prekeys each) and only needed to start a
+/// session, while the devices and sessions row changes with every message.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PeerBundles {
+    /// (device, version, bundle XML).
+    pub bundles: Vec<(u32, crate::omemo::Version, String)>,
 }
 
 /// A contact's OMEMO state: devices and sessions.
@@ -316,4 +326,7 @@ pub struct PeerOmemo {
     pub listed: Vec<(crate::omemo::Version, Vec<u32>)>,
     /// Sessions per (device, version).
     pub slots: Vec<(u32, crate::omemo::Version, crate::omemo::SessionSlot)>,
+    /// The bundles, when loaded (never stored in this row).
+    #[serde(skip)]
+    pub bundles: Option<PeerBundles>,
 }

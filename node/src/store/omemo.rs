@@ -8,16 +8,18 @@ use std::sync::Arc;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{
-    Ctx as _, DeviceRecord, Direction, Incoming, Message, OutStanza, PeerOmemo, Received, Store,
-    StoreError, Trust, k64, model::Delivery,
+    Ctx as _, DeviceRecord, Direction, Incoming, Message, OutStanza, PeerBundles, PeerOmemo,
+    Received, Store, StoreError, Trust, k64, model::Delivery,
 };
 use crate::omemo::device::{Recipient, RemoteDevice, encrypt};
 use crate::omemo::pep::PepItem;
 use crate::omemo::xml::{Bundle, EncryptedElement};
 use crate::omemo::{Identity, OmemoError, OwnDevice, Session, SessionSlot, Version, keys, sce};
 
-/// Row 0 is our device; row N is contact N's devices and sessions.
+/// Row 0 is our device; row N is contact N's devices and sessions; row
+/// `BUNDLE_ROWS | N` holds contact N's bundles.
 pub(super) const OMEMO: TableDefinition<u64, &[u8]> = TableDefinition::new("omemo");
+const BUNDLE_ROWS: u64 = 1 << 62;
 
 /// Largest payload accepted in an `<encrypted/>` element (decoded bytes).
 pub const MAX_PAYLOAD: usize = 64 * 1024;
@@ -113,7 +115,13 @@ impl PeerOmemo {
     }
 
     fn bundle(&self, id: u32, v: Version) -> Option<Bundle> {
-        let xml = &self.device(id)?.bundles.iter().find(|(bv, _)| *bv == v)?.1;
+        let xml = &self
+            .bundles
+            .as_ref()?
+            .bundles
+            .iter()
+            .find(|(d, bv, _)| *d == id && *bv == v)?
+            .2;
         Bundle::parse(&xml.parse().ok()?).ok()
     }
 
@@ -124,10 +132,7 @@ impl PeerOmemo {
     }
 
     fn can_use(&self, id: u32, v: Version) -> bool {
-        self.has_session(id, v)
-            || self
-                .device(id)
-                .is_some_and(|d| d.bundles.iter().any(|(bv, _)| *bv == v))
+        self.has_session(id, v) || self.device(id).is_some_and(|d| d.versions.contains(&v))
     }
 
     /// Trusted devices we can encrypt to, and the version to use: the one
@@ -152,6 +157,11 @@ impl PeerOmemo {
             .filter(|(_, reach)| !reach.is_empty())
             .max_by_key(|(v, reach)| (reach.len(), *v == Version::V2))
     }
+}
+
+fn set_bundle(b: &mut PeerBundles, dev: u32, v: Version, xml: String) {
+    b.bundles.retain(|(d, bv, _)| !(*d == dev && *bv == v));
+    b.bundles.push((dev, v, xml));
 }
 
 fn trust_for(identity: &[u8; 32], pinned: &[u8; 32]) -> Trust {
@@ -182,6 +192,36 @@ impl Store {
             Some(v) => self.open_json("omemo", &k64(contact), v.value()),
             None => Ok(PeerOmemo::default()),
         }
+    }
+
+    fn bundles_in(
+        &self,
+        t: &impl ReadableTable<u64, &'static [u8]>,
+        contact: u64,
+    ) -> Result<PeerBundles, StoreError> {
+        let row = BUNDLE_ROWS | contact;
+        match t.get(row).ctx("read omemo")? {
+            Some(v) => self.open_json("omemo", &k64(row), v.value()),
+            None => Ok(PeerBundles::default()),
+        }
+    }
+
+    /// Loads the contact's bundles into `p` if a session may have to be
+    /// started (a target device without a session).
+    fn load_bundles_if_needed(
+        &self,
+        t: &impl ReadableTable<u64, &'static [u8]>,
+        contact: u64,
+        p: &mut PeerOmemo,
+        force: bool,
+    ) -> Result<(), StoreError> {
+        let needed = force
+            || p.targets()
+                .is_some_and(|(v, ds)| ds.iter().any(|d| !p.has_session(*d, v)));
+        if needed && p.bundles.is_none() {
+            p.bundles = Some(self.bundles_in(t, contact)?);
+        }
+        Ok(())
     }
 
     fn put_omemo<T: serde::Serialize>(
@@ -267,6 +307,7 @@ impl Store {
         {
             let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
             let mut p = self.peer_omemo_in(&t, contact)?;
+            let mut bundles = self.bundles_in(&t, contact)?;
             for item in items {
                 match item {
                     PepItem::Devices(v, ids) => {
@@ -286,8 +327,10 @@ impl Store {
                                 continue;
                             }
                             Some(d) => {
-                                d.bundles.retain(|(bv, _)| *bv != b.version);
-                                d.bundles.push((b.version, xml));
+                                if !d.versions.contains(&b.version) {
+                                    d.versions.push(b.version);
+                                }
+                                set_bundle(&mut bundles, dev, b.version, xml);
                             }
                             None => {
                                 let trust = trust_for(&identity, &pinned);
@@ -302,9 +345,10 @@ impl Store {
                                     id: dev,
                                     identity,
                                     trust,
-                                    bundles: vec![(b.version, xml)],
+                                    versions: vec![b.version],
                                     first_seen: now_s,
                                 });
+                                set_bundle(&mut bundles, dev, b.version, xml);
                             }
                         }
                     }
@@ -312,6 +356,7 @@ impl Store {
             }
             learned.can_send = p.targets().is_some();
             self.put_omemo(&mut t, contact, &p)?;
+            self.put_omemo(&mut t, BUNDLE_ROWS | contact, &bundles)?;
         }
         tx.commit().ctx("commit")?;
         Ok(learned)
@@ -342,6 +387,7 @@ impl Store {
             let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
             let mut ot = tx.open_table(super::OUTBOX).ctx("open outbox")?;
             let mut p = self.peer_omemo_in(&t, contact)?;
+            self.load_bundles_if_needed(&t, contact, &mut p, false)?;
             let mut rng = rand::rngs::OsRng;
             let mut ready = Vec::with_capacity(items.len());
             let mut waiting = false;
@@ -453,7 +499,7 @@ impl Store {
                             id: sid,
                             identity: o.sender_identity,
                             trust,
-                            bundles: Vec::new(),
+                            versions: Vec::new(),
                             first_seen: now_s,
                         });
                     }
@@ -496,6 +542,9 @@ impl Store {
                     let repair = matches!(e, OmemoError::NoSession | OmemoError::BadMac)
                         && !repaired.contains(&(sid, v))
                         && p.device(sid).is_some_and(|d| d.trust.trusted());
+                    if repair {
+                        self.load_bundles_if_needed(&t, contact, &mut p, true)?;
+                    }
                     if repair
                         && let Some(b) = p.bundle(sid, v)
                         && let Ok(s) = Session::initiate(&ctx.identity, &b, &mut rng)
@@ -619,7 +668,8 @@ impl<'c> Encryptor<'c> {
         ctx: &'c OmemoCtx,
     ) -> Result<Self, StoreError> {
         let t = tx.open_table(OMEMO).ctx("open omemo")?;
-        let peer = store.peer_omemo_in(&t, contact)?;
+        let mut peer = store.peer_omemo_in(&t, contact)?;
+        store.load_bundles_if_needed(&t, contact, &mut peer, false)?;
         let targets = peer.targets();
         Ok(Encryptor {
             ctx,
