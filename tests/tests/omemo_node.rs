@@ -51,7 +51,7 @@ async fn next_encrypted(rx: &mut Rx, conn: &mut RawConn) -> EncryptedElement {
         if let Some(m) = rx.take("message") {
             assert!(!m.contains("<body"), "no plaintext body: {m}");
             let el: Element = m.parse().expect("message XML");
-            if let Some(e) = el.get_child("encrypted", "urn:xmpp:omemo:2") {
+            if let Some(e) = el.children().find(|c| c.name() == "encrypted") {
                 return EncryptedElement::parse(e, 1 << 16).expect("parse");
             }
             continue;
@@ -118,6 +118,7 @@ async fn node_encrypts_everything_and_survives_bad_omemo_input() {
         rx.text.push_str(&more);
     }
     let mut alice_bundle: Option<(u32, Bundle)> = None;
+    let mut alice_bundle_03: Option<Bundle> = None;
     let mut versions = Vec::new();
     while let Some(ev) = rx.take("event") {
         let el: Element = ev.parse().expect("event XML");
@@ -129,6 +130,9 @@ async fn node_encrypts_everything_and_survives_bad_omemo_input() {
                     "the bundle's identity is the pinned key"
                 );
                 versions.push(b.version);
+                if b.version == Version::V03 {
+                    alice_bundle_03 = Some(b.clone());
+                }
                 if b.version == Version::V2 {
                     alice_bundle = Some((d, b));
                 }
@@ -373,31 +377,76 @@ async fn node_encrypts_everything_and_survives_bad_omemo_input() {
     );
     assert!(m.get("unverified").is_none(), "{m}");
 
-    // A message on a ratchet the node does not know (as if the contact had
-    // lost its session): recorded, and the node rebuilds the session with an
-    // empty key-exchange message (XEP-0384), which we adopt.
-    let mut lost = Session::initiate(&id, &alice_bundle, &mut rand::rngs::OsRng).expect("initiate");
-    lost.confirmed = true;
-    let broken = enc_to(
+    // A forged ratchet message (no session it belongs to, bad MAC): recorded,
+    // and the working session is *not* replaced.
+    let mut stray =
+        Session::initiate(&id, &alice_bundle, &mut rand::rngs::OsRng).expect("initiate");
+    stray.confirmed = true;
+    let forged_mac = enc_to(
         &id,
         dev.device_id,
         &alice_jid,
         alice_dev,
-        &mut lost,
+        &mut stray,
         &evil_jid,
-        "on a lost session",
+        "forged ratchet",
     );
-    conn.send(&stanza("lost", &broken)).await.expect("send");
+    conn.send(&stanza("badmac", &forged_mac))
+        .await
+        .expect("send");
+    // A message in a version the node has no session in (as if it had lost
+    // it): the node rebuilds that session with an empty key-exchange message
+    // (XEP-0384), which we adopt. It is the next encrypted message we get,
+    // so the forged one above triggered nothing.
+    let mut s03 = Session::initiate(
+        &id,
+        &alice_bundle_03.expect("0.3 bundle"),
+        &mut rand::rngs::OsRng,
+    )
+    .expect("initiate 0.3");
+    s03.confirmed = true;
+    let mut r = [Recipient {
+        jid: &alice_jid,
+        device_id: alice_dev,
+        session: &mut s03,
+    }];
+    let no_session = encrypt(
+        Version::V03,
+        &id,
+        dev.device_id,
+        &mut r,
+        Some(b"no session"),
+        &mut rand::rngs::OsRng,
+    );
+    conn.send(&stanza("nosession", &no_session))
+        .await
+        .expect("send");
     let repair = next_encrypted(&mut rx, &mut conn).await;
+    assert_eq!(
+        repair.version,
+        Version::V03,
+        "the repair is for the broken 0.3 session only"
+    );
     assert!(
         repair.payload.is_none() && repair.keys.iter().all(|k| k.kex),
         "an empty key exchange: {repair:?}"
     );
-    let out = from_alice(&mut dev, &mut slot, &repair).expect("we adopt the rebuilt session");
+    let mut slot03 = SessionSlot::default();
+    let out = from_alice(&mut dev, &mut slot03, &repair).expect("we adopt the rebuilt session");
     assert!(out.new_session && out.plaintext.is_none());
+    // The OMEMO 2 session still works.
     alice.send("evil", "after the repair");
     let next = next_encrypted(&mut rx, &mut conn).await;
-    let out = from_alice(&mut dev, &mut slot, &next).expect("decrypts on the rebuilt session");
+    let out = from_alice(&mut dev, &mut slot, &next).expect("decrypts on the unchanged session");
     let body = sce::open(&out.plaintext.expect("payload"), &alice_jid).expect("envelope");
     assert_eq!(body.as_deref(), Some("after the repair"));
+    let hist = alice.history("evil", 100);
+    let failed = hist
+        .iter()
+        .filter(|m| m.get("undecryptable").is_some())
+        .count();
+    assert_eq!(
+        failed, 5,
+        "forged, truncated, reused prekey, bad MAC, no session: {hist:?}"
+    );
 }

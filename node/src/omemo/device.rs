@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::proto::{v2, v03};
-use super::ratchet::{Ratchet, Wire, djb, parse_djb};
+use super::ratchet::{MAX_SKIP_PER_MESSAGE, Ratchet, Wire, djb, parse_djb};
 use super::xml::{Bundle, EncryptedElement, KeyElement};
 use super::{Identity, OmemoError, Result, Version, b64, keys, payload, x3dh};
 
@@ -252,6 +252,12 @@ impl Session {
         }
     }
 
+    /// The one-time prekey of theirs this session was started with (for a
+    /// session we started).
+    pub fn prekey_used(&self) -> Option<u32> {
+        (self.initiation == Initiation::Active).then_some(self.kex.pk_id)
+    }
+
     /// Ratchet state, for diagnostics.
     pub fn sending_chain_length(&self) -> u32 {
         self.ratchet.sending_chain_length()
@@ -446,9 +452,10 @@ fn open_in(
     wire: &Wire,
     el: &EncryptedElement,
     now: u64,
+    max_skip: u32,
 ) -> Result<Option<Vec<u8>>> {
     let ad = s.ad(false);
-    let mut km = s.ratchet.decrypt(&ad, wire, now)?;
+    let mut km = s.ratchet.decrypt_skipping(&ad, wire, now, max_skip)?;
     let plaintext = el
         .payload
         .as_ref()
@@ -471,6 +478,8 @@ pub struct SessionSlot {
 
 /// Earlier sessions kept per device and version.
 pub const MAX_PREVIOUS: usize = 2;
+/// Keys an earlier session may skip for one message.
+pub const PREVIOUS_MAX_SKIP: u32 = 32;
 
 impl SessionSlot {
     fn archive(&mut self, s: Session) {
@@ -526,7 +535,7 @@ impl OwnDevice {
                 .chain(new_slot.previous.iter_mut())
                 .find(|s| s.version == v && s.initiation == Initiation::Passive && s.kex == p.kex);
             if let Some(s) = known {
-                let plaintext = open_in(s, &wire, el, now)?;
+                let plaintext = open_in(s, &wire, el, now, MAX_SKIP_PER_MESSAGE)?;
                 let sender_identity = s.their_identity;
                 *slot = new_slot;
                 return Ok(DecryptOutcome {
@@ -555,7 +564,7 @@ impl OwnDevice {
                 kex: p.kex,
                 confirmed: true,
             };
-            let plaintext = open_in(&mut s, &wire, el, now)?;
+            let plaintext = open_in(&mut s, &wire, el, now, MAX_SKIP_PER_MESSAGE)?;
             let sender_identity = s.their_identity;
             // Both sides started a session at once: the side with the
             // smaller identity key keeps its own, the other adopts it.
@@ -580,12 +589,15 @@ impl OwnDevice {
         }
         let wire = Wire::parse(v, &key.data)?;
         let mut last = OmemoError::NoSession;
+        // Earlier sessions may skip only a few keys: a forged message must
+        // not cost thousands of key derivations per session it is tried on.
         let candidates = std::iter::once(new_slot.current.as_mut())
             .flatten()
-            .chain(new_slot.previous.iter_mut())
-            .filter(|s| s.version == v);
-        for s in candidates {
-            match open_in(s, &wire, el, now) {
+            .map(|s| (s, MAX_SKIP_PER_MESSAGE))
+            .chain(new_slot.previous.iter_mut().map(|s| (s, PREVIOUS_MAX_SKIP)))
+            .filter(|(s, _)| s.version == v);
+        for (s, max_skip) in candidates {
+            match open_in(s, &wire, el, now, max_skip) {
                 Ok(plaintext) => {
                     s.confirmed = true;
                     let sender_identity = s.their_identity;

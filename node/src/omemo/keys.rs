@@ -36,9 +36,10 @@ impl Identity {
     /// The identity of an Ed25519 seed.
     pub fn from_seed(seed: &[u8; 32]) -> Identity {
         let signing = SigningKey::from_bytes(seed);
-        let h = Sha512::digest(seed);
+        let mut h = Sha512::digest(seed);
         let mut scalar = Zeroizing::new([0u8; 32]);
         scalar.copy_from_slice(&h[..32]);
+        zeroize::Zeroize::zeroize(h.as_mut_slice());
         let x = StaticSecret::from(*scalar);
         let mont = PublicKey::from(&x).to_bytes();
         Identity { signing, x, mont }

@@ -85,16 +85,15 @@ pub fn open(v: Version, key_material: &[u8], payload: &[u8], iv: Option<&[u8]>) 
             let iv = iv
                 .filter(|i| i.len() == 12)
                 .ok_or(OmemoError::Malformed("0.3 payload IV"))?;
-            let (key, ct) = match key_material.len() {
-                32 => {
-                    let mut ct = payload.to_vec();
-                    ct.extend_from_slice(&key_material[16..]);
-                    (&key_material[..16], ct)
-                }
-                // Old clients sent a bare key and the tag after the ciphertext.
-                16 => (key_material, payload.to_vec()),
-                _ => return Err(OmemoError::Malformed("0.3 key material")),
-            };
+            // Key ‖ tag: the tag is authenticated by our ratchet message.
+            // (Very old clients sent a bare key with the tag in the payload,
+            // where any other recipient could swap it: not accepted.)
+            if key_material.len() != 32 {
+                return Err(OmemoError::Malformed("0.3 key material"));
+            }
+            let key = &key_material[..16];
+            let mut ct = payload.to_vec();
+            ct.extend_from_slice(&key_material[16..]);
             let cipher =
                 Aes128Gcm::new_from_slice(key).map_err(|_| OmemoError::Malformed("key"))?;
             cipher

@@ -150,7 +150,8 @@ impl Chain {
     fn step(&mut self) -> [u8; 32] {
         let mk = hmac32(&self.key, &[0x01]);
         self.key = hmac32(&self.key, &[0x02]);
-        self.n += 1;
+        // 2³² messages in one chain do not happen; never wrap or panic.
+        self.n = self.n.saturating_add(1);
         mk
     }
 }
@@ -219,8 +220,8 @@ impl std::fmt::Debug for Ratchet {
 
 impl Ratchet {
     fn root_step(&mut self) -> Result<[u8; 32]> {
-        let shared = keys::dh_bytes(&self.own_priv, &self.other_pub)?;
-        let hk = Hkdf::<Sha256>::new(Some(&self.root), &shared);
+        let shared = zeroize::Zeroizing::new(keys::dh_bytes(&self.own_priv, &self.other_pub)?);
+        let hk = Hkdf::<Sha256>::new(Some(&self.root), shared.as_ref());
         let mut okm = [0u8; 64];
         hk.expand(self.version.root_info(), &mut okm)
             .map_err(|_| OmemoError::Malformed("hkdf"))?;
@@ -313,6 +314,18 @@ impl Ratchet {
 
     /// Decrypts a message. On any error the ratchet is unchanged.
     pub fn decrypt(&mut self, ad: &[u8], wire: &Wire, now: u64) -> Result<Vec<u8>> {
+        self.decrypt_skipping(ad, wire, now, MAX_SKIP_PER_MESSAGE)
+    }
+
+    /// [`Ratchet::decrypt`], deriving at most `max_skip` keys per chain
+    /// before the MAC is checked (the work a forged message can cause).
+    pub fn decrypt_skipping(
+        &mut self,
+        ad: &[u8],
+        wire: &Wire,
+        now: u64,
+        max_skip: u32,
+    ) -> Result<Vec<u8>> {
         let h = wire.header;
         if let Some(i) = self.skipped.iter().position(|s| s.dh == h.dh && s.n == h.n) {
             let pt = open(self.version, &self.skipped[i].key, ad, wire)?;
@@ -321,7 +334,7 @@ impl Ratchet {
         }
         let mut trial = self.clone();
         let mut fresh = Vec::new();
-        let mut mk = trial.advance(h, now, &mut fresh)?;
+        let mut mk = trial.advance(h, now, max_skip.min(MAX_SKIP_PER_MESSAGE), &mut fresh)?;
         let pt = open(self.version, &mk, ad, wire);
         mk.zeroize();
         let pt = pt?;
@@ -338,13 +351,19 @@ impl Ratchet {
     }
 
     /// Moves the receiving side forward to the message key for `h`.
-    fn advance(&mut self, h: Header, now: u64, fresh: &mut Vec<SkippedKey>) -> Result<[u8; 32]> {
+    fn advance(
+        &mut self,
+        h: Header,
+        now: u64,
+        max_skip: u32,
+        fresh: &mut Vec<SkippedKey>,
+    ) -> Result<[u8; 32]> {
         if h.dh != self.other_pub {
             if let Some(recv) = self.recv.as_mut() {
                 let skip = h.pn.saturating_sub(recv.n);
                 // Like python-omemo: too many keys of the old chain are
                 // simply not kept, but the new chain is still accepted.
-                if skip <= MAX_SKIP_PER_MESSAGE {
+                if skip <= max_skip {
                     for _ in 0..skip {
                         let n = recv.n;
                         let key = recv.step();
@@ -373,7 +392,7 @@ impl Ratchet {
             return Err(OmemoError::Duplicate);
         }
         let skip = h.n - recv.n;
-        if skip > MAX_SKIP_PER_MESSAGE {
+        if skip > max_skip {
             return Err(OmemoError::TooManySkipped(skip));
         }
         for _ in 0..skip {

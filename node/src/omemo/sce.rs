@@ -16,6 +16,8 @@ use super::{OmemoError, Result};
 
 /// XEP-0420 namespace.
 pub const NS_SCE: &str = "urn:xmpp:sce:1";
+/// Most `<` an envelope may contain (start and end tags).
+const MAX_TAGS: usize = 32;
 const NS_CLIENT: &str = "jabber:client";
 
 /// The envelope for `body` from `from` (a bare JID), serialized. The caller
@@ -44,21 +46,31 @@ pub fn seal(body: &str, from: &str, rng: &mut impl rand::RngCore) -> Vec<u8> {
     out
 }
 
-/// Opens an envelope: the body (if any). A `<from/>` affix, if present,
-/// must name `expected_from`.
+/// Opens an envelope: the body (if any). Its `<from/>` affix must name
+/// `expected_from`.
 pub fn open(bytes: &[u8], expected_from: &str) -> Result<Option<String>> {
     let text = std::str::from_utf8(bytes).map_err(|_| OmemoError::Malformed("envelope: UTF-8"))?;
+    // An envelope has a handful of elements (the body's text is escaped):
+    // refuse anything with more tags, which also bounds nesting depth.
+    if text.bytes().filter(|b| *b == b'<').count() > MAX_TAGS {
+        return Err(OmemoError::Malformed("envelope: too many elements"));
+    }
     let el: Element = text
         .parse()
         .map_err(|_| OmemoError::Malformed("envelope: XML"))?;
     if !el.is("envelope", NS_SCE) {
         return Err(OmemoError::Malformed("envelope element"));
     }
-    if let Some(from) = el.get_child("from", NS_SCE) {
-        let jid = from.attr("jid").unwrap_or_default();
-        if !jid.eq_ignore_ascii_case(expected_from) {
-            return Err(OmemoError::SenderMismatch);
-        }
+    // OMEMO 2 requires the `<from/>` affix: it binds the content to its sender.
+    let from = el
+        .get_child("from", NS_SCE)
+        .ok_or(OmemoError::Malformed("envelope: no <from/>"))?;
+    if !from
+        .attr("jid")
+        .unwrap_or_default()
+        .eq_ignore_ascii_case(expected_from)
+    {
+        return Err(OmemoError::SenderMismatch);
     }
     let content = el
         .get_child("content", NS_SCE)
@@ -78,6 +90,10 @@ mod tests {
         assert_eq!(open(&e, "a@b.onion").expect("open").as_deref(), Some(body));
         assert_eq!(open(&e, "c@d.onion"), Err(OmemoError::SenderMismatch));
         assert!(open(b"<x/>", "a@b").is_err());
+        let no_from = b"<envelope xmlns='urn:xmpp:sce:1'><content/></envelope>";
+        assert!(open(no_from, "a@b").is_err());
+        let deep = format!("<envelope xmlns='urn:xmpp:sce:1'>{}", "<x>".repeat(5000));
+        assert!(open(deep.as_bytes(), "a@b").is_err());
         assert!(open(b"\xff", "a@b").is_err());
     }
 }

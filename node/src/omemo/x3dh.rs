@@ -31,11 +31,11 @@ impl std::fmt::Debug for Active {
     }
 }
 
-fn kdf(v: Version, dhs: &[[u8; 32]]) -> Zeroizing<[u8; 32]> {
+fn kdf(v: Version, dhs: [Zeroizing<[u8; 32]>; 4]) -> Zeroizing<[u8; 32]> {
     let mut ikm = Zeroizing::new(Vec::with_capacity(32 * 5));
     ikm.extend_from_slice(&[0xFF; 32]);
-    for d in dhs {
-        ikm.extend_from_slice(d);
+    for d in &dhs {
+        ikm.extend_from_slice(d.as_ref());
     }
     let hk = Hkdf::<Sha256>::new(Some(&[0u8; 32]), &ikm);
     let mut out = Zeroizing::new([0u8; 32]);
@@ -57,11 +57,11 @@ pub fn active(
     let &(pk_id, pk) = bundle.prekeys.choose(rng).ok_or(OmemoError::NoPreKeys)?;
     let their_ik = keys::ed_to_mont(&bundle.ik).ok_or(OmemoError::Malformed("identity key"))?;
     let (ek_secret, ek) = keys::generate(rng);
-    let dh1 = own.dh(&bundle.spk)?;
-    let dh2 = keys::dh_bytes(&ek_secret, &their_ik)?;
-    let dh3 = keys::dh_bytes(&ek_secret, &bundle.spk)?;
-    let dh4 = keys::dh_bytes(&ek_secret, &pk)?;
-    let shared = kdf(v, &[dh1, dh2, dh3, dh4]);
+    let dh1 = Zeroizing::new(own.dh(&bundle.spk)?);
+    let dh2 = Zeroizing::new(keys::dh_bytes(&ek_secret, &their_ik)?);
+    let dh3 = Zeroizing::new(keys::dh_bytes(&ek_secret, &bundle.spk)?);
+    let dh4 = Zeroizing::new(keys::dh_bytes(&ek_secret, &pk)?);
+    let shared = kdf(v, [dh1, dh2, dh3, dh4]);
     let mut ad = v
         .encode_identity(&own.ed_public())
         .ok_or(OmemoError::Malformed("identity key"))?;
@@ -88,11 +88,11 @@ pub fn passive(
     their_ik_enc: &[u8],
     ek: &[u8; 32],
 ) -> Result<(Zeroizing<[u8; 32]>, Vec<u8>)> {
-    let dh1 = keys::dh_bytes(spk, their_ik)?;
-    let dh2 = own.dh(ek)?;
-    let dh3 = keys::dh_bytes(spk, ek)?;
-    let dh4 = keys::dh_bytes(opk, ek)?;
-    let shared = kdf(v, &[dh1, dh2, dh3, dh4]);
+    let dh1 = Zeroizing::new(keys::dh_bytes(spk, their_ik)?);
+    let dh2 = Zeroizing::new(own.dh(ek)?);
+    let dh3 = Zeroizing::new(keys::dh_bytes(spk, ek)?);
+    let dh4 = Zeroizing::new(keys::dh_bytes(opk, ek)?);
+    let shared = kdf(v, [dh1, dh2, dh3, dh4]);
     let mut ad = their_ik_enc.to_vec();
     ad.extend(
         v.encode_identity(&own.ed_public())

@@ -329,4 +329,7 @@ pub struct PeerOmemo {
     /// The bundles, when loaded (never stored in this row).
     #[serde(skip)]
     pub bundles: Option<PeerBundles>,
+    /// `bundles` changed (a used prekey was dropped) and must be written.
+    #[serde(skip)]
+    pub bundles_dirty: bool,
 }

@@ -21,6 +21,10 @@ use crate::omemo::{Identity, OmemoError, OwnDevice, Session, SessionSlot, Versio
 pub(super) const OMEMO: TableDefinition<u64, &[u8]> = TableDefinition::new("omemo");
 const BUNDLE_ROWS: u64 = 1 << 62;
 
+/// Devices kept per contact; messages from and bundles of further devices
+/// are refused.
+pub const MAX_CONTACT_DEVICES: usize = 16;
+
 /// Largest payload accepted in an `<encrypted/>` element (decoded bytes).
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 
@@ -108,6 +112,47 @@ impl PeerOmemo {
         self.slots.push((device, v, SessionSlot::default()));
         let last = self.slots.len() - 1;
         &mut self.slots[last].2
+    }
+
+    fn slot_of(&self, device: u32, v: Version) -> Option<&SessionSlot> {
+        self.slots
+            .iter()
+            .find(|(d, sv, _)| *d == device && *sv == v)
+            .map(|(_, _, s)| s)
+    }
+
+    /// Removes a one-time prekey of theirs that we used from the stored
+    /// bundle, so a second session never offers it again.
+    fn forget_prekey(&mut self, device: u32, v: Version, pk: u32) {
+        let Some(b) = self.bundles.as_mut() else {
+            return;
+        };
+        let Some(i) = b
+            .bundles
+            .iter()
+            .position(|(d, bv, _)| *d == device && *bv == v)
+        else {
+            return;
+        };
+        let parsed = b.bundles[i]
+            .2
+            .parse()
+            .ok()
+            .and_then(|el| Bundle::parse(&el).ok());
+        match parsed {
+            Some(mut bundle) => {
+                bundle.prekeys.retain(|(id, _)| *id != pk);
+                if bundle.prekeys.is_empty() {
+                    b.bundles.remove(i);
+                } else {
+                    b.bundles[i].2 = String::from(&bundle.to_element());
+                }
+            }
+            None => {
+                b.bundles.remove(i);
+            }
+        }
+        self.bundles_dirty = true;
     }
 
     fn device(&self, id: u32) -> Option<&DeviceRecord> {
@@ -224,6 +269,23 @@ impl Store {
         Ok(())
     }
 
+    /// Writes a contact's devices and sessions, and their bundles if a used
+    /// prekey was dropped from them.
+    fn save_peer(
+        &self,
+        t: &mut redb::Table<u64, &[u8]>,
+        contact: u64,
+        p: &PeerOmemo,
+    ) -> Result<(), StoreError> {
+        self.put_omemo(t, contact, p)?;
+        if p.bundles_dirty
+            && let Some(b) = &p.bundles
+        {
+            self.put_omemo(t, BUNDLE_ROWS | contact, b)?;
+        }
+        Ok(())
+    }
+
     fn put_omemo<T: serde::Serialize>(
         &self,
         t: &mut redb::Table<u64, &[u8]>,
@@ -318,6 +380,7 @@ impl Store {
                         let Some(identity) = keys::ed_to_mont(&b.ik) else {
                             continue;
                         };
+                        let full = p.devices.len() >= MAX_CONTACT_DEVICES;
                         match p.devices.iter_mut().find(|d| d.id == dev) {
                             Some(d) if d.identity != identity => {
                                 tracing::warn!(
@@ -331,6 +394,11 @@ impl Store {
                                     d.versions.push(b.version);
                                 }
                                 set_bundle(&mut bundles, dev, b.version, xml);
+                            }
+                            None if full => {
+                                tracing::warn!(
+                                    "a contact announced more devices than kept; ignored"
+                                );
                             }
                             None => {
                                 let trust = trust_for(&identity, &pinned);
@@ -422,7 +490,7 @@ impl Store {
                 };
                 ready.push((n, st));
             }
-            self.put_omemo(&mut t, contact, &p)?;
+            self.save_peer(&mut t, contact, &p)?;
             Outbox {
                 items: ready,
                 waiting,
@@ -476,17 +544,26 @@ impl Store {
             };
             let (sid, v) = (parsed.sid, parsed.version);
             let known = p.device(sid).map(|d| d.identity);
-            let slot = p.slot(sid, v);
+            if known.is_none() && p.devices.len() >= MAX_CONTACT_DEVICES {
+                tracing::warn!("refused an OMEMO message from yet another device of a contact");
+                out.push(Some(Decrypted::Failed(OmemoError::Malformed(
+                    "too many devices for one contact",
+                ))));
+                continue;
+            }
+            // Worked on a copy: nothing is recorded for a message that fails.
+            let mut slot = p.slot_of(sid, v).cloned().unwrap_or_default();
             match own.decrypt(
                 &ctx.identity,
                 &ctx.own_jid,
                 RemoteDevice { identity: known },
-                slot,
+                &mut slot,
                 &parsed,
                 now_s,
                 &mut rng,
             ) {
                 Ok(o) => {
+                    *p.slot(sid, v) = slot;
                     if p.device(sid).is_none() {
                         let trust = trust_for(&o.sender_identity, &ctx.pinned);
                         if trust == Trust::Untrusted {
@@ -539,7 +616,9 @@ impl Store {
                     );
                     // XEP-0384: a broken session is rebuilt from the
                     // device's bundle, announced by an empty message.
-                    let repair = matches!(e, OmemoError::NoSession | OmemoError::BadMac)
+                    // Only for a missing session: a forged message (bad MAC)
+                    // must not make us replace a working one.
+                    let repair = matches!(e, OmemoError::NoSession)
                         && !repaired.contains(&(sid, v))
                         && p.device(sid).is_some_and(|d| d.trust.trusted());
                     if repair {
@@ -549,6 +628,9 @@ impl Store {
                         && let Some(b) = p.bundle(sid, v)
                         && let Ok(s) = Session::initiate(&ctx.identity, &b, &mut rng)
                     {
+                        if let Some(pk) = s.prekey_used() {
+                            p.forget_prekey(sid, v, pk);
+                        }
                         p.slot(sid, v).install(s);
                         if let Some(el) = encrypt_for(&mut p, ctx, v, &[sid], None, &mut rng) {
                             repaired.push((sid, v));
@@ -564,7 +646,7 @@ impl Store {
             self.put_omemo(&mut t, 0, &own)?;
             res.bundle_changed = true;
         }
-        self.put_omemo(&mut t, contact, &p)?;
+        self.save_peer(&mut t, contact, &p)?;
         Ok(out)
     }
 }
@@ -598,7 +680,12 @@ fn encrypt_for(
         if !p.has_session(d, v) {
             let b = p.bundle(d, v)?;
             match Session::initiate(&ctx.identity, &b, rng) {
-                Ok(s) => p.slot(d, v).install(s),
+                Ok(s) => {
+                    if let Some(pk) = s.prekey_used() {
+                        p.forget_prekey(d, v, pk);
+                    }
+                    p.slot(d, v).install(s);
+                }
                 Err(e) => {
                     tracing::warn!(device = d, "cannot start an OMEMO session: {e}");
                     return None;
@@ -703,7 +790,7 @@ impl<'c> Encryptor<'c> {
     ) -> Result<(), StoreError> {
         if self.changed {
             let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
-            store.put_omemo(&mut t, contact, &self.peer)?;
+            store.save_peer(&mut t, contact, &self.peer)?;
         }
         Ok(())
     }

@@ -315,7 +315,7 @@ mod omemo_state {
 
     use super::*;
     use crate::omemo::pep::PepItem;
-    use crate::omemo::{Identity, OwnDevice, Version};
+    use crate::omemo::{Identity, OwnDevice, Session, Version};
 
     /// A contact whose device identity is `seed`'s key, pinned or not.
     fn setup(pinned_seed: u8) -> (tempfile::TempDir, Store, u64, OmemoCtx) {
@@ -461,5 +461,61 @@ mod omemo_state {
                 }
             }
         }
+    }
+
+    #[test]
+    fn messages_that_fail_leave_no_state_behind_and_devices_are_capped() {
+        use crate::omemo::device::{Recipient, encrypt};
+        let (_d, s, c, ctx) = setup(9);
+        let own = s.omemo_device(0).expect("own");
+        let own_bundle = own.bundle(&ctx.identity, Version::V2);
+        let mut items = Vec::new();
+        // Key exchanges from many devices of strangers' keys, most of them
+        // not for our device: only failures and at most the cap remain.
+        for i in 0..40u8 {
+            let id = Identity::from_seed(&[100 + i; 32]);
+            let mut sess =
+                Session::initiate(&id, &own_bundle, &mut rand::rngs::OsRng).expect("initiate");
+            let rid = if i % 2 == 0 {
+                own.device_id
+            } else {
+                own.device_id ^ 1
+            };
+            let mut r = [Recipient {
+                jid: &ctx.own_jid,
+                device_id: rid,
+                session: &mut sess,
+            }];
+            let pt = crate::omemo::sce::seal("x", &ctx.peer_jid, &mut rand::rngs::OsRng);
+            let el = encrypt(
+                Version::V2,
+                &id,
+                1000 + u32::from(i),
+                &mut r,
+                Some(&pt),
+                &mut rand::rngs::OsRng,
+            );
+            items.push(Incoming::Encrypted {
+                id: format!("e{i}"),
+                element: el.to_element(),
+                wants_receipt: false,
+            });
+        }
+        let (_, res) = s
+            .ack_and_receive(c, None, &items, 1000, Some(&ctx))
+            .expect("receive");
+        assert_eq!(
+            res.new_messages.len(),
+            40,
+            "every message is recorded, readable or not"
+        );
+        let p = s.omemo_peer(c).expect("peer");
+        assert_eq!(p.devices.len(), crate::store::omemo::MAX_CONTACT_DEVICES);
+        assert_eq!(
+            p.slots.len(),
+            p.devices.len(),
+            "no session slot for a message that failed"
+        );
+        assert!(p.devices.iter().all(|d| d.trust == Trust::Untrusted));
     }
 }

@@ -478,6 +478,8 @@ impl Session {
                 Ok(())
             }
             (Phase::Open, crate::omemo::pep::NS_PUBSUB_EVENT, "event") => {
+                // Each costs a store transaction: rate-limited like stanzas.
+                self.take_token(now);
                 events.push(Event::Pep(el));
                 Ok(())
             }
