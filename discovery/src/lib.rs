@@ -18,6 +18,8 @@
 //! trust. An address from discovery is only a hint; the TLS handshake pins
 //! the key.
 
+pub mod lan;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, RwLock};

@@ -199,6 +199,28 @@ impl SecretKey {
         PeerId(self.0.verifying_key().to_bytes())
     }
 
+    /// X25519 between this key and `peer`'s, both converted from Ed25519
+    /// (the secret scalar is Ed25519's own: clamped SHA-512(seed)[..32];
+    /// the public key is the Edwards point's Montgomery form). Both sides
+    /// get the same 32 bytes; `None` for a low-order peer key. Used for
+    /// secrets two contacts share without talking (LAN discovery).
+    pub fn agree(&self, peer: &PeerId) -> Option<Zeroizing<[u8; 32]>> {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha512::digest(self.0.to_bytes());
+        let mut scalar = Zeroizing::new([0u8; 32]);
+        scalar.copy_from_slice(&h[..32]);
+        zeroize::Zeroize::zeroize(h.as_mut_slice());
+        let their = curve25519_dalek::edwards::CompressedEdwardsY(peer.0)
+            .decompress()?
+            .to_montgomery()
+            .to_bytes();
+        let secret = x25519_dalek::StaticSecret::from(*scalar);
+        let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(their));
+        shared
+            .was_contributory()
+            .then(|| Zeroizing::new(shared.to_bytes()))
+    }
+
     /// Signs `msg` with the identity key.
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         self.0.sign(msg).to_bytes()
@@ -326,5 +348,20 @@ mod tests {
         fn onion_parser_never_panics(s in "\\PC{0,80}") {
             let _ = PeerId::from_onion(&s);
         }
+    }
+}
+
+#[cfg(test)]
+mod agree_tests {
+    use super::*;
+
+    #[test]
+    fn both_sides_agree_and_third_parties_differ() {
+        let a = SecretKey::from_seed(&[1; 32]);
+        let b = SecretKey::from_seed(&[2; 32]);
+        let c = SecretKey::from_seed(&[3; 32]);
+        let ab = a.agree(&b.peer_id()).expect("ab");
+        assert_eq!(*ab, *b.agree(&a.peer_id()).expect("ba"));
+        assert_ne!(*ab, *a.agree(&c.peer_id()).expect("ac"));
     }
 }
