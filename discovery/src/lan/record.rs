@@ -64,6 +64,7 @@ pub struct Ports {
 
 /// The secret shared with one contact.
 pub struct PairSecret {
+    me: PeerId,
     peer: PeerId,
     key: Zeroizing<[u8; 32]>,
 }
@@ -90,7 +91,11 @@ impl PairSecret {
         let hk = hkdf::Hkdf::<Sha256>::new(Some(b"coterie lan v1"), dh.as_ref());
         let mut key = Zeroizing::new([0u8; 32]);
         hk.expand(&info, key.as_mut()).ok()?;
-        Some(PairSecret { peer: *peer, key })
+        Some(PairSecret {
+            me: mine,
+            peer: *peer,
+            key,
+        })
     }
 
     /// The contact.
@@ -98,25 +103,28 @@ impl PairSecret {
         &self.peer
     }
 
-    fn prf(&self, label: &[u8], period: u64, nonce: &[u8]) -> [u8; 32] {
+    /// `announcer` tells the two directions apart: a record we publish must
+    /// not read, to us, as one from the contact.
+    fn prf(&self, label: &[u8], announcer: &PeerId, period: u64, nonce: &[u8]) -> [u8; 32] {
         // HMAC takes keys of any length.
         let mut m = <HmacSha256 as Mac>::new_from_slice(self.key.as_ref())
             .unwrap_or_else(|_| unreachable!("any key length"));
         m.update(label);
+        m.update(announcer.as_bytes());
         m.update(&period.to_be_bytes());
         m.update(nonce);
         m.finalize().into_bytes().into()
     }
 
-    fn tag(&self, period: u64, nonce: &[u8; NONCE_LEN]) -> [u8; TAG_LEN] {
+    fn tag(&self, announcer: &PeerId, period: u64, nonce: &[u8; NONCE_LEN]) -> [u8; TAG_LEN] {
         let mut t = [0u8; TAG_LEN];
-        t.copy_from_slice(&self.prf(b"tag", period, nonce)[..TAG_LEN]);
+        t.copy_from_slice(&self.prf(b"tag", announcer, period, nonce)[..TAG_LEN]);
         t
     }
 
-    fn mask(&self, period: u64, nonce: &[u8; NONCE_LEN]) -> [u8; 4] {
+    fn mask(&self, announcer: &PeerId, period: u64, nonce: &[u8; NONCE_LEN]) -> [u8; 4] {
         let mut m = [0u8; 4];
-        m.copy_from_slice(&self.prf(b"ports", period, nonce)[..4]);
+        m.copy_from_slice(&self.prf(b"ports", announcer, period, nonce)[..4]);
         m
     }
 
@@ -124,7 +132,8 @@ impl PairSecret {
     /// the dialer proves with it that it read this period's announcement.
     pub fn token(&self, period: u64) -> [u8; 16] {
         let mut t = [0u8; 16];
-        t.copy_from_slice(&self.prf(b"token", period, &[])[..16]);
+        // The announcer's point of view: the listener is the one announcing.
+        t.copy_from_slice(&self.prf(b"token", &self.me, period, &[])[..16]);
         t
     }
 }
@@ -187,8 +196,8 @@ pub fn announce(
                 .iter()
                 .map(|s| {
                     let mut slot = [0u8; SLOT_LEN];
-                    slot[..TAG_LEN].copy_from_slice(&s.tag(period, &nonce));
-                    let mask = s.mask(period, &nonce);
+                    slot[..TAG_LEN].copy_from_slice(&s.tag(&s.me, period, &nonce));
+                    let mask = s.mask(&s.me, period, &nonce);
                     for i in 0..4 {
                         slot[TAG_LEN + i] = port_bytes[i] ^ mask[i];
                     }
@@ -223,10 +232,10 @@ pub fn read(record: &Record, secrets: &[PairSecret], now: u64) -> Vec<(PeerId, P
     let mut found = Vec::new();
     for s in secrets {
         'periods: for p in [now, now.wrapping_sub(1), now.wrapping_add(1)] {
-            let tag = s.tag(p, &record.nonce);
+            let tag = s.tag(&s.peer, p, &record.nonce);
             for slot in &record.slots {
                 if bool::from(slot[..TAG_LEN].ct_eq(&tag)) {
-                    let mask = s.mask(p, &record.nonce);
+                    let mask = s.mask(&s.peer, p, &record.nonce);
                     let b: Vec<u8> = (0..4).map(|i| slot[TAG_LEN + i] ^ mask[i]).collect();
                     found.push((
                         s.peer,
@@ -359,6 +368,8 @@ mod tests {
         assert!(read(&recs[0], &secrets(&b, &[&a]), 102).is_empty());
         // A stranger, or a contact of b that is not a's, learns nothing.
         assert!(read(&recs[0], &secrets(&x, &[&a, &b, &c]), 100).is_empty());
+        // Our own record does not read as one from our contacts.
+        assert!(read(&recs[0], &secrets(&a, &[&b, &c]), 100).is_empty());
     }
 
     #[test]
