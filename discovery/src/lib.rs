@@ -37,6 +37,12 @@ pub trait Discovery: Send + Sync + fmt::Debug {
     fn publish(&self, me: &PeerId, addrs: &[PeerAddr]);
     /// Withdraws this node's announcement (going offline).
     fn withdraw(&self, me: &PeerId);
+    /// The contacts to announce to and look for (implementations that do
+    /// not care ignore it).
+    fn set_contacts(&self, _contacts: &[PeerId]) {}
+    /// Calls `f` when a contact's address is newly seen, so the node can
+    /// dial at once instead of at its next retry.
+    fn on_found(&self, _f: lan::mdns::FoundHook) {}
 }
 
 /// An in-process directory shared by every node of a test.

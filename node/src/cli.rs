@@ -69,6 +69,12 @@ enum Cmd {
         /// Announce ADDR (tcp:IP:PORT or quic:IP:PORT) instead of the listen addresses. Repeatable.
         #[arg(long = "advertise", value_name = "ADDR")]
         advertise: Vec<String>,
+        /// Find contacts on the local network (encrypted mDNS records only contacts can read).
+        #[arg(long)]
+        lan: bool,
+        /// Seconds before LAN records change names and contents.
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
+        lan_period: u64,
     },
     /// Send a message (queued durably if the contact is offline).
     Send {
@@ -621,7 +627,20 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                 None => Err(fail(7, "no node is running on this profile")),
             }
         }
-        Cmd::Run { listen, advertise } => run_node(dir, listen, advertise, out),
+        Cmd::Run {
+            listen,
+            advertise,
+            lan,
+            lan_period,
+        } => {
+            if lan_period < 10 {
+                return Err(fail(2, "--lan-period must be at least 10 seconds"));
+            }
+            let lan = lan.then_some(coterie_node::runtime::LanSettings {
+                period_secs: lan_period,
+            });
+            run_node(dir, listen, advertise, lan, out)
+        }
         Cmd::Wipe { yes } => {
             if !Store::exists(dir) {
                 return Err(OpenStoreError::NoProfile(dir.to_path_buf()).into());
@@ -674,13 +693,14 @@ fn start(dir: &Path, out: &Out) -> Result<(), Fail> {
         };
         run(Cmd::Init { name }, dir, out)?;
     }
-    run_node(dir, Vec::new(), Vec::new(), out)
+    run_node(dir, Vec::new(), Vec::new(), None, out)
 }
 
 fn run_node(
     dir: &Path,
     mut listen: Vec<SocketAddr>,
     advertise: Vec<String>,
+    lan: Option<coterie_node::runtime::LanSettings>,
     out: &Out,
 ) -> Result<(), Fail> {
     if listen.is_empty() {
@@ -706,11 +726,12 @@ fn run_node(
     let store = open(dir)?;
     let rt = runtime()?;
     rt.block_on(async {
-        let cfg = NodeConfig { listen, advertise, control_socket: true, ..Default::default() };
+        let cfg = NodeConfig { listen, advertise, control_socket: true, lan, ..Default::default() };
         let mut node = Node::start(store, cfg).await.map_err(|e| {
             let code = match e {
                 coterie_node::runtime::StartError::Bind { .. } => 8,
                 coterie_node::runtime::StartError::Control { .. } => 7,
+                coterie_node::runtime::StartError::Lan(_) => 8,
                 _ => 1,
             };
             fail(code, e.to_string())

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod c2s;
+pub mod netns;
 pub mod omemo_peer;
 pub mod prosody;
 pub mod raw;
@@ -88,6 +89,8 @@ pub struct NodeProc {
     pub port: u16,
     child: Option<Child>,
     log: PathBuf,
+    /// Run inside this network namespace, listening on this address.
+    pub netns: Option<netns::Host>,
 }
 
 /// What a CLI call returned.
@@ -111,6 +114,7 @@ impl NodeProc {
             dir,
             port: free_port(),
             child: None,
+            netns: None,
         };
         let out = n.cli(&["init", "--name", name]);
         assert_eq!(out.code, 0, "init failed: {}", out.stderr);
@@ -125,6 +129,7 @@ impl NodeProc {
             dir,
             port: free_port(),
             child: None,
+            netns: None,
         }
     }
 
@@ -166,11 +171,19 @@ impl NodeProc {
             .append(true)
             .open(&self.log)
             .expect("log");
-        let mut child = Command::new(coterie_bin())
+        let (mut cmd, host) = match &self.netns {
+            Some(h) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &h.ns]).arg(coterie_bin());
+                (c, h.ip.to_string())
+            }
+            None => (Command::new(coterie_bin()), "127.0.0.1".to_string()),
+        };
+        let mut child = cmd
             .arg("--profile")
             .arg(&self.dir)
             .arg("--json")
-            .args(["run", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["run", "--listen", &format!("{host}:{}", self.port)])
             .args(extra)
             .env("COTERIE_PASSPHRASE", PASSPHRASE)
             .env(

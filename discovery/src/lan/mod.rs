@@ -1,6 +1,8 @@
 //! LAN discovery: encrypted DNS-SD records only contacts can read.
 //!
-//! [`record`] is the scheme (sans-IO). The mDNS glue comes next; until then
-//! nothing here sends a packet.
+//! [`record`] is the scheme (sans-IO); [`mdns`] publishes and browses the
+//! records with `mdns-sd`. Only ever start it inside a network namespace in
+//! tests: it multicasts on every interface it sees.
 
+pub mod mdns;
 pub mod record;

@@ -260,6 +260,7 @@ pub(crate) async fn dial_manager(shared: Arc<Shared>) {
 
 async fn dialer(shared: Arc<Shared>, contact: u64) {
     let kick = shared.kick(contact);
+    let found_new = shared.found(contact);
     let mut shutdown = shared.shutdown.clone();
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -287,11 +288,21 @@ async fn dialer(shared: Arc<Shared>, contact: u64) {
             // Fresh discovery results first: stored addresses may be stale.
             let addrs = discovery::merge(&[&found, &known]);
             if !addrs.is_empty() {
-                match dial_once(&shared, &c, &addrs).await {
-                    Ok(()) => backoff = BACKOFF_MIN,
-                    Err(e) => {
+                // Fresh addresses from discovery abandon an attempt on older
+                // ones (a stale QUIC address takes a handshake timeout).
+                let attempt = tokio::select! {
+                    r = dial_once(&shared, &c, &addrs) => Some(r),
+                    () = found_new.notified() => None,
+                };
+                match attempt {
+                    Some(Ok(())) => backoff = BACKOFF_MIN,
+                    Some(Err(e)) => {
                         tracing::debug!(contact, "dial failed: {e}");
                         backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                    None => {
+                        backoff = BACKOFF_MIN;
+                        continue;
                     }
                 }
             }

@@ -29,6 +29,9 @@ use crate::store::{ContactState, Store};
 use crate::stream::parser::Limits;
 use crate::stream::session::RateLimit;
 
+/// LAN discovery settings.
+pub type LanSettings = discovery::lan::mdns::LanConfig;
+
 /// How the node runs.
 #[derive(Debug, Clone, Default)]
 pub struct NodeConfig {
@@ -46,6 +49,10 @@ pub struct NodeConfig {
     pub control_socket: bool,
     /// Where to publish our addresses and look up contacts' current ones.
     pub discovery: Option<Arc<dyn discovery::Discovery>>,
+    /// Announce and find contacts on the local network with encrypted mDNS
+    /// records (used when `discovery` is not set). Multicasts on every
+    /// interface of the network namespace.
+    pub lan: Option<discovery::lan::mdns::LanConfig>,
 }
 
 /// Why the node could not start.
@@ -67,6 +74,9 @@ pub enum StartError {
         /// Why.
         reason: String,
     },
+    /// LAN discovery could not start.
+    #[error("cannot start LAN discovery: {0}")]
+    Lan(String),
     /// The control socket could not be created.
     #[error("cannot create the control socket {path}: {source}")]
     Control {
@@ -152,6 +162,9 @@ pub(crate) struct Shared {
     pub(crate) conns: Mutex<HashMap<u64, ConnEntry>>,
     pub(crate) session_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) kicks: Mutex<HashMap<u64, Arc<Notify>>>,
+    /// Per contact: discovery just found fresh addresses (an attempt on
+    /// older ones is abandoned).
+    pub(crate) found: Mutex<HashMap<u64, Arc<Notify>>>,
     pub(crate) advertised: RwLock<Vec<PeerAddr>>,
     pub(crate) transports: Vec<Arc<dyn Transport>>,
     pub(crate) next_conn: AtomicU64,
@@ -196,6 +209,13 @@ pub(crate) async fn db<T: Send + 'static>(
 impl Shared {
     pub(crate) fn kick(&self, contact: u64) -> Arc<Notify> {
         let mut k = self.kicks.lock().unwrap_or_else(|e| e.into_inner());
+        k.entry(contact)
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
+    }
+
+    pub(crate) fn found(&self, contact: u64) -> Arc<Notify> {
+        let mut k = self.found.lock().unwrap_or_else(|e| e.into_inner());
         k.entry(contact)
             .or_insert_with(|| Arc::new(Notify::new()))
             .clone()
@@ -250,6 +270,10 @@ impl Shared {
                 .filter(|c| !matches!(c.state, ContactState::Refused { .. }))
                 .filter_map(|c| PeerId::from_bytes(c.peer).ok().map(|p| (p, c.id)))
                 .collect();
+            if let Some(d) = &self.cfg.discovery {
+                let peers: Vec<PeerId> = map.keys().copied().collect();
+                d.set_contacts(&peers);
+            }
             if let Ok(mut m) = self.contacts.write() {
                 *m = map;
             }
@@ -268,10 +292,15 @@ pub struct Node {
 
 impl Node {
     /// Starts listeners, dialers and the control socket.
-    pub async fn start(store: Store, cfg: NodeConfig) -> Result<Node, StartError> {
+    pub async fn start(store: Store, mut cfg: NodeConfig) -> Result<Node, StartError> {
         let store = Arc::new(store);
         let profile = db(&store, |s| s.profile()).await??;
         let key = SecretKey::from_seed(&profile.seed);
+        if let (None, Some(lan)) = (&cfg.discovery, cfg.lan) {
+            let d = discovery::lan::mdns::LanDiscovery::start(&key, &[], lan)
+                .map_err(StartError::Lan)?;
+            cfg.discovery = Some(Arc::new(d));
+        }
         let me = key.peer_id();
         let tls = TlsContext::new(&key)?;
         // Our OMEMO device exists (prekeys replenished, signed prekey rotated)
@@ -301,6 +330,7 @@ impl Node {
             conns: Mutex::new(HashMap::new()),
             session_locks: Mutex::new(HashMap::new()),
             kicks: Mutex::new(HashMap::new()),
+            found: Mutex::new(HashMap::new()),
             advertised: RwLock::new(Vec::new()),
             transports,
             next_conn: AtomicU64::new(1),
@@ -310,6 +340,20 @@ impl Node {
             events: tokio::sync::broadcast::channel(4096).0,
         });
         shared.refresh_policy().await;
+        if let Some(d) = &shared.cfg.discovery {
+            // A contact seen on the LAN (or elsewhere) is dialled at once.
+            let weak = Arc::downgrade(&shared);
+            d.on_found(Arc::new(move |peer: &PeerId| {
+                let Some(s) = weak.upgrade() else { return };
+                let id = s.contacts.read().ok().and_then(|m| m.get(peer).copied());
+                if let Some(id) = id
+                    && !s.is_connected(id)
+                {
+                    s.found(id).notify_one();
+                    s.kick(id).notify_one();
+                }
+            }));
+        }
         let policy: Arc<dyn PeerPolicy> = Arc::new(Policy(Arc::downgrade(&shared)));
         let (acc_tx, acc_rx) = mpsc::channel(64);
         let mut tasks = tokio::task::JoinSet::new();

@@ -1,0 +1,342 @@
+//! The LAN [`Discovery`]: encrypted records ([`super::record`]) published and
+//! browsed with `mdns-sd`.
+//!
+//! Two threads: one re-announces at every period boundary (old instances are
+//! unregistered, new ones registered under new random names), one reads
+//! browse events and keeps, per contact, the addresses its latest record
+//! gave. Only contacts' records are kept, so memory is bounded by the
+//! contact list whatever a stranger multicasts; anything else is dropped
+//! without a log line naming it.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mdns_sd::{ServiceDaemon, ServiceEvent, ServiceInfo};
+use transport::{PeerAddr, PeerId, SecretKey};
+
+use super::record::{self, PairSecret, Ports, Record, SERVICE_TYPE};
+use crate::Discovery;
+
+/// A hook called with a contact whose record was just seen.
+pub type FoundHook = Arc<dyn Fn(&PeerId) + Send + Sync>;
+
+/// Settings.
+#[derive(Debug, Clone, Copy)]
+pub struct LanConfig {
+    /// Seconds per period (records rotate at each boundary).
+    pub period_secs: u64,
+}
+
+impl Default for LanConfig {
+    fn default() -> Self {
+        LanConfig {
+            period_secs: record::DEFAULT_PERIOD_SECS,
+        }
+    }
+}
+
+struct Seen {
+    addrs: Vec<PeerAddr>,
+    at: Instant,
+}
+
+struct Inner {
+    daemon: ServiceDaemon,
+    key: SecretKey,
+    cfg: LanConfig,
+    secrets: RwLock<Vec<PairSecret>>,
+    seen: Mutex<HashMap<PeerId, Seen>>,
+    ports: RwLock<Option<Ports>>,
+    registered: Mutex<Vec<String>>,
+    found: RwLock<Option<FoundHook>>,
+    /// Wakes the announcer early (ports or contacts changed, or stop).
+    wake: std::sync::mpsc::SyncSender<bool>,
+}
+
+/// LAN discovery over mDNS.
+#[derive(Clone)]
+pub struct LanDiscovery {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for LanDiscovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LanDiscovery(..)")
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl LanDiscovery {
+    /// Starts the mDNS daemon, browsing and (once ports are published)
+    /// announcing. Runs mDNS on every interface of this network namespace.
+    pub fn start(key: &SecretKey, contacts: &[PeerId], cfg: LanConfig) -> Result<Self, String> {
+        let daemon = ServiceDaemon::new().map_err(|e| format!("mDNS: {e}"))?;
+        // A contact's announcement counts the moment it is multicast, not
+        // only when it answers one of our (backing-off) queries.
+        daemon
+            .accept_unsolicited(true)
+            .map_err(|e| format!("mDNS: {e}"))?;
+        let events = daemon
+            .browse(SERVICE_TYPE)
+            .map_err(|e| format!("mDNS browse: {e}"))?;
+        let (wake, wake_rx) = std::sync::mpsc::sync_channel(4);
+        let inner = Arc::new(Inner {
+            daemon,
+            key: SecretKey::from_seed(&key.to_seed()),
+            cfg,
+            secrets: RwLock::new(Vec::new()),
+            seen: Mutex::new(HashMap::new()),
+            ports: RwLock::new(None),
+            registered: Mutex::new(Vec::new()),
+            found: RwLock::new(None),
+            wake,
+        });
+        let lan = LanDiscovery { inner };
+        lan.set_contacts(contacts);
+        let weak = Arc::downgrade(&lan.inner);
+        std::thread::Builder::new()
+            .name("coterie-lan-browse".into())
+            .spawn(move || {
+                while let Ok(ev) = events.recv() {
+                    let Some(inner) = weak.upgrade() else { return };
+                    if let ServiceEvent::ServiceResolved(info) = ev {
+                        inner.on_resolved(&info);
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        let weak = Arc::downgrade(&lan.inner);
+        std::thread::Builder::new()
+            .name("coterie-lan-announce".into())
+            .spawn(move || announcer(weak, wake_rx))
+            .map_err(|e| e.to_string())?;
+        Ok(lan)
+    }
+
+    /// Replaces the contact list (whom we announce to and look for).
+    pub fn set_contacts(&self, contacts: &[PeerId]) {
+        let secrets: Vec<PairSecret> = contacts
+            .iter()
+            .filter_map(|c| PairSecret::new(&self.inner.key, c))
+            .collect();
+        if let Ok(mut s) = self.inner.secrets.write() {
+            *s = secrets;
+        }
+        if let Ok(mut seen) = self.inner.seen.lock() {
+            seen.retain(|p, _| contacts.contains(p));
+        }
+        let _ = self.inner.wake.try_send(true);
+    }
+
+    /// Calls `f` whenever a contact's record is seen (to dial at once).
+    pub fn on_found(&self, f: FoundHook) {
+        if let Ok(mut h) = self.inner.found.write() {
+            *h = Some(f);
+        }
+    }
+
+    /// Stops announcing and browsing.
+    pub fn stop(&self) {
+        self.inner.unregister_all();
+        let _ = self.inner.wake.try_send(false);
+        let _ = self.inner.daemon.shutdown();
+    }
+}
+
+impl Inner {
+    fn period(&self) -> u64 {
+        record::period_of(now_secs(), self.cfg.period_secs)
+    }
+
+    fn on_resolved(&self, info: &mdns_sd::ResolvedService) {
+        let props: Vec<(&str, &[u8])> = info
+            .txt_properties
+            .iter()
+            .map(|p| (p.key(), p.val().unwrap_or_default()))
+            .collect();
+        let Ok((nonce, slots)) = Record::parse_txt(props) else {
+            tracing::debug!("ignored a malformed LAN record");
+            return;
+        };
+        let rec = Record {
+            instance: String::new(),
+            host: String::new(),
+            decoy_port: 0,
+            nonce,
+            slots,
+        };
+        let hits = match self.secrets.read() {
+            Ok(s) => record::read(&rec, &s, self.period()),
+            Err(_) => return,
+        };
+        for (peer, ports) in hits {
+            let mut addrs = Vec::new();
+            for ip in info.addresses.iter().take(8) {
+                let ip = ip.to_ip_addr();
+                if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+                    continue;
+                }
+                let scope = match ip {
+                    IpAddr::V6(v6) if v6.is_unicast_link_local() => info
+                        .addresses
+                        .iter()
+                        .find_map(|s| match s {
+                            mdns_sd::ScopedIp::V6(s6) if IpAddr::V6(*s6.addr()) == ip => {
+                                Some(s6.scope_id().index)
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or(0),
+                    _ => 0,
+                };
+                let sock = |port: u16| match ip {
+                    IpAddr::V6(v6) => {
+                        SocketAddr::V6(std::net::SocketAddrV6::new(v6, port, 0, scope))
+                    }
+                    IpAddr::V4(v4) => SocketAddr::V4(std::net::SocketAddrV4::new(v4, port)),
+                };
+                addrs.push(PeerAddr::Tcp(sock(ports.tcp)));
+                addrs.push(PeerAddr::Quic(sock(ports.quic)));
+            }
+            if addrs.is_empty() {
+                continue;
+            }
+            // IPv4 first: link-local IPv6 needs the right interface scope.
+            addrs.sort_by_key(|a| {
+                matches!(
+                    a,
+                    PeerAddr::Tcp(SocketAddr::V6(_)) | PeerAddr::Quic(SocketAddr::V6(_))
+                )
+            });
+            addrs.truncate(crate::MAX_ADDRS_PER_PEER);
+            if let Ok(mut seen) = self.seen.lock() {
+                seen.insert(
+                    peer,
+                    Seen {
+                        addrs,
+                        at: Instant::now(),
+                    },
+                );
+            }
+            tracing::debug!("a contact's LAN record was seen");
+            let hook = self.found.read().ok().and_then(|h| h.clone());
+            if let Some(h) = hook {
+                h(&peer);
+            }
+        }
+    }
+
+    fn unregister_all(&self) {
+        let names: Vec<String> = match self.registered.lock() {
+            Ok(mut r) => std::mem::take(&mut *r),
+            Err(_) => return,
+        };
+        for n in names {
+            let _ = self.daemon.unregister(&n);
+        }
+    }
+
+    fn announce(&self) {
+        let Some(ports) = self.ports.read().ok().and_then(|p| *p) else {
+            return;
+        };
+        let records = match self.secrets.read() {
+            Ok(s) => record::announce(&s, ports, self.period(), &mut rand::rngs::OsRng),
+            Err(_) => return,
+        };
+        self.unregister_all();
+        let mut names = Vec::new();
+        for r in records {
+            let props: HashMap<String, String> = r.txt().into_iter().collect();
+            let info =
+                match ServiceInfo::new(SERVICE_TYPE, &r.instance, &r.host, "", r.decoy_port, props)
+                {
+                    Ok(i) => i.enable_addr_auto(),
+                    Err(e) => {
+                        tracing::warn!("cannot build a LAN record: {e}");
+                        continue;
+                    }
+                };
+            let name = info.get_fullname().to_string();
+            match self.daemon.register(info) {
+                Ok(()) => names.push(name),
+                Err(e) => tracing::warn!("cannot announce on the LAN: {e}"),
+            }
+        }
+        if let Ok(mut r) = self.registered.lock() {
+            *r = names;
+        }
+    }
+}
+
+/// Re-announces at every period boundary, or when woken.
+fn announcer(inner: std::sync::Weak<Inner>, wake: std::sync::mpsc::Receiver<bool>) {
+    loop {
+        let Some(i) = inner.upgrade() else { return };
+        i.announce();
+        let secs = i.cfg.period_secs.max(1);
+        let left = secs - now_secs() % secs;
+        drop(i);
+        match wake.recv_timeout(Duration::from_secs(left)) {
+            Ok(false) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            Ok(true) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+impl Discovery for LanDiscovery {
+    fn lookup(&self, peer: &PeerId) -> Vec<PeerAddr> {
+        // A record is good for two periods (its own and the next).
+        let max_age = Duration::from_secs(2 * self.inner.cfg.period_secs.max(1));
+        self.inner
+            .seen
+            .lock()
+            .ok()
+            .and_then(|s| {
+                s.get(peer)
+                    .filter(|e| e.at.elapsed() <= max_age)
+                    .map(|e| e.addrs.clone())
+            })
+            .unwrap_or_default()
+    }
+
+    fn publish(&self, _me: &PeerId, addrs: &[PeerAddr]) {
+        let tcp = addrs.iter().find_map(|a| match a {
+            PeerAddr::Tcp(s) => Some(s.port()),
+            _ => None,
+        });
+        let quic = addrs.iter().find_map(|a| match a {
+            PeerAddr::Quic(s) => Some(s.port()),
+            _ => None,
+        });
+        if let Some(tcp) = tcp {
+            if let Ok(mut p) = self.inner.ports.write() {
+                *p = Some(Ports {
+                    tcp,
+                    quic: quic.unwrap_or(tcp),
+                });
+            }
+            let _ = self.inner.wake.try_send(true);
+        }
+    }
+
+    fn withdraw(&self, _me: &PeerId) {
+        self.stop();
+    }
+
+    fn set_contacts(&self, contacts: &[PeerId]) {
+        LanDiscovery::set_contacts(self, contacts);
+    }
+
+    fn on_found(&self, f: FoundHook) {
+        LanDiscovery::on_found(self, f);
+    }
+}

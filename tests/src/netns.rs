@@ -1,0 +1,142 @@
+//! LAN test hosts: network namespaces joined by a bridge, on a subnet that
+//! exists only inside them. Every namespace is deleted when the [`Lan`]
+//! drops, also when a test panics. mDNS in tests runs only in these.
+//!
+//! ```text
+//!  <p>h0 (eth0 10.213.X.2) ─┐
+//!  <p>h1 (eth0 10.213.X.3) ─┼─ br0 in <p>br
+//!  …                        ┘
+//! ```
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+/// One host of the test LAN.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// Its namespace.
+    pub ns: String,
+    /// Its address.
+    pub ip: Ipv4Addr,
+}
+
+/// A test LAN of namespaced hosts.
+#[derive(Debug)]
+pub struct Lan {
+    /// The hosts.
+    pub hosts: Vec<Host>,
+    bridge: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run `ip` (Debian package iproute2): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Lan {
+    /// A LAN of `n` hosts. Needs root (CI runs as root); fails with a clear
+    /// message otherwise.
+    pub fn new(n: usize) -> Lan {
+        assert!(
+            (1..=200).contains(&n),
+            "a test LAN has between 1 and 200 hosts"
+        );
+        let tag: u16 = rand::random();
+        let p = format!("ct{tag:04x}");
+        let subnet = 16 + (tag % 200) as u8;
+        let mut lan = Lan {
+            hosts: Vec::new(),
+            bridge: format!("{p}br"),
+        };
+        let setup = || -> Result<Vec<Host>, String> {
+            ip(&["netns", "add", &lan.bridge])?;
+            ip(&["-n", &lan.bridge, "link", "add", "br0", "type", "bridge"])?;
+            ip(&["-n", &lan.bridge, "link", "set", "br0", "up"])?;
+            let mut hosts = Vec::new();
+            for i in 0..n {
+                let ns = format!("{p}h{i}");
+                ip(&["netns", "add", &ns])?;
+                let port = format!("p{i}");
+                ip(&[
+                    "-n",
+                    &lan.bridge,
+                    "link",
+                    "add",
+                    &port,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    &ns,
+                ])?;
+                ip(&[
+                    "-n",
+                    &lan.bridge,
+                    "link",
+                    "set",
+                    &port,
+                    "master",
+                    "br0",
+                    "up",
+                ])?;
+                let addr = Ipv4Addr::new(10, 213, subnet, 2 + i as u8);
+                ip(&[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("{addr}/24"),
+                    "dev",
+                    "eth0",
+                ])?;
+                ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+                ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+                hosts.push(Host { ns, ip: addr });
+            }
+            Ok(hosts)
+        };
+        match setup() {
+            Ok(h) => lan.hosts = h,
+            Err(e) => {
+                lan.hosts = (0..n)
+                    .map(|i| Host {
+                        ns: format!("{p}h{i}"),
+                        ip: Ipv4Addr::UNSPECIFIED,
+                    })
+                    .collect();
+                drop(lan);
+                panic!("cannot build the test LAN (needs root and iproute2): {e}");
+            }
+        }
+        lan
+    }
+
+    /// A command run inside `host`'s namespace.
+    pub fn command(&self, host: usize, program: &std::path::Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.hosts[host].ns]).arg(program);
+        c
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for h in &self.hosts {
+            let _ = ip(&["netns", "del", &h.ns]);
+        }
+        let _ = ip(&["netns", "del", &self.bridge]);
+    }
+}

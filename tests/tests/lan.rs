@@ -1,0 +1,239 @@
+//! LAN discovery on a namespaced test LAN (root only: CI runs as root).
+//! Contacts whose stored addresses are all stale find each other through
+//! encrypted mDNS records; a non-contact on the same LAN connects to no
+//! one; a stranger recording every mDNS packet for several periods sees no
+//! name, key, onion address, fingerprint or host name, and no value of one
+//! record ever reappears in another.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use coterie_tests::netns::Lan;
+use coterie_tests::{NodeProc, free_port, introduce, wait_for};
+use serde_json::Value;
+
+const PERIOD: &str = "10";
+
+fn observer_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "coterie-tests",
+            "--bin",
+            "lan-observer",
+        ])
+        .status()
+        .expect("cargo");
+    assert!(status.success(), "building lan-observer failed");
+    dir.join("lan-observer")
+}
+
+fn unhex(h: &str) -> Vec<u8> {
+    (0..h.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).ok())
+        .collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn contacts_find_each_other_and_a_stranger_learns_nothing() {
+    let lan = Lan::new(5);
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Names with '_', which neither base32 nor base64 produce: a hit in a
+    // packet cannot be chance.
+    let names = ["alice_lan", "bob_lan", "carol_lan", "mallory_lan"];
+    let mut nodes: Vec<NodeProc> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let mut p = NodeProc::init(tmp.path(), n);
+            p.netns = Some(lan.hosts[i].clone());
+            p
+        })
+        .collect();
+    let lan_args = ["--lan", "--lan-period", PERIOD];
+    for n in nodes.iter_mut().take(3) {
+        n.start_with(&lan_args);
+    }
+    introduce(&nodes[0], &nodes[1]);
+    introduce(&nodes[0], &nodes[2]);
+    // Every stored address goes stale: all three come back on new ports.
+    for n in nodes.iter_mut().take(3) {
+        n.stop();
+        n.port = free_port();
+    }
+
+    // The stranger listens from before the nodes start until after two
+    // record periods.
+    let observe_secs = 32;
+    let mut obs = lan
+        .command(4, &observer_bin())
+        .arg(observe_secs.to_string())
+        .arg(lan.hosts[4].ip.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("observer");
+    let obs_out = obs.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        BufReader::new(obs_out)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+            .collect::<Vec<Value>>()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    let t0 = Instant::now();
+    for n in nodes.iter_mut() {
+        n.start_with(&lan_args);
+    }
+    wait_for(
+        "alice, bob and carol reconnected over the LAN",
+        Duration::from_secs(20),
+        || {
+            (nodes[0].connected_to(names[1])
+                && nodes[0].connected_to(names[2])
+                && nodes[1].connected_to(names[0]))
+            .then_some(())
+        },
+    );
+    eprintln!(
+        "contacts connected {:?} after the nodes started",
+        t0.elapsed()
+    );
+
+    // Mallory is on the same LAN and announces, but is nobody's contact.
+    let status = nodes[3].status();
+    assert_eq!(
+        status["peers"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
+    let alice = nodes[0].status();
+    assert_eq!(alice["peers"].as_array().map(Vec::len), Some(2), "{alice}");
+
+    let seen = reader.join().expect("observer output");
+    let _ = obs.wait();
+    let packets: Vec<Vec<u8>> = seen
+        .iter()
+        .filter_map(|v| v["packet"].as_str())
+        .map(unhex)
+        .collect();
+    let records: Vec<&Value> = seen.iter().filter_map(|v| v.get("record")).collect();
+    assert!(
+        !packets.is_empty(),
+        "the observer saw no mDNS packet at all"
+    );
+
+    // Nothing that identifies anyone, in any packet.
+    let mut forbidden: Vec<(String, Vec<u8>)> = Vec::new();
+    for n in &nodes {
+        let id = n.cli(&["id"]);
+        let id = id.json.first().expect("id json").clone();
+        let onion = id["onion"].as_str().expect("onion").to_string();
+        let fp: String = id["fingerprint"]
+            .as_str()
+            .expect("fp")
+            .split_whitespace()
+            .collect();
+        forbidden.push((format!("{}'s name", n.name), n.name.as_bytes().to_vec()));
+        let label = onion.trim_end_matches(".onion");
+        forbidden.push((
+            format!("{}'s onion label", n.name),
+            label.as_bytes().to_vec(),
+        ));
+        forbidden.push((
+            format!("{}'s onion label (upper)", n.name),
+            label.to_uppercase().into_bytes(),
+        ));
+        forbidden.push((format!("{}'s key", n.name), n.key().as_bytes().to_vec()));
+        forbidden.push((format!("{}'s fingerprint", n.name), fp.as_bytes().to_vec()));
+        forbidden.push((
+            format!("{}'s fingerprint (upper)", n.name),
+            fp.to_uppercase().into_bytes(),
+        ));
+    }
+    let host = String::from_utf8(Command::new("hostname").output().expect("hostname").stdout)
+        .expect("utf8")
+        .trim()
+        .to_string();
+    // As mDNS would carry it: the DNS label `<len>host` before `<5>local`
+    // (the host name may be as short as two letters, too short to look for
+    // as a bare string in random bytes).
+    let mut host_label = vec![host.len() as u8];
+    host_label.extend_from_slice(host.as_bytes());
+    host_label.extend_from_slice(b"\x05local");
+    forbidden.push(("the machine's host name".into(), host_label));
+    if host.len() >= 8 {
+        forbidden.push(("the machine's host name".into(), host.as_bytes().to_vec()));
+    }
+    for (what, needle) in &forbidden {
+        for p in &packets {
+            assert!(!contains(p, needle), "{what} appears in an mDNS packet");
+        }
+    }
+    assert!(
+        !records.iter().any(|r| r["host"]
+            .as_str()
+            .unwrap_or_default()
+            .trim_end_matches(".local.")
+            == host),
+        "the machine's host name is a record's host"
+    );
+
+    // Records: every node announced in at least two periods, and no value
+    // of one record (name, host, port, TXT) appears in any other.
+    let mut by_name: HashMap<String, &Value> = HashMap::new();
+    for r in &records {
+        by_name.insert(r["name"].as_str().expect("name").to_string(), r);
+    }
+    assert!(
+        by_name.len() >= 2 * nodes.len(),
+        "expected at least two periods of records from {} nodes, saw {} distinct records",
+        nodes.len(),
+        by_name.len()
+    );
+    let values = |r: &Value| -> Vec<String> {
+        let mut v = vec![
+            r["name"]
+                .as_str()
+                .unwrap_or_default()
+                .split('.')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            r["host"].as_str().unwrap_or_default().to_string(),
+            r["port"].to_string(),
+        ];
+        for kv in r["txt"].as_array().into_iter().flatten() {
+            let k = kv[0].as_str().unwrap_or_default();
+            if k != "v" {
+                v.push(kv[1].as_str().unwrap_or_default().to_string());
+            }
+        }
+        v
+    };
+    let all: Vec<(&String, Vec<String>)> = by_name.iter().map(|(n, r)| (n, values(r))).collect();
+    for (i, (na, va)) in all.iter().enumerate() {
+        for (nb, vb) in all.iter().skip(i + 1) {
+            for x in va {
+                assert!(!vb.contains(x), "{na} and {nb} share the value {x}");
+            }
+        }
+    }
+    for n in nodes.iter_mut() {
+        n.stop();
+    }
+}
