@@ -43,7 +43,12 @@ struct Seen {
 }
 
 struct Inner {
-    daemon: ServiceDaemon,
+    /// Replaced by a fresh daemon every period: mdns-sd caches every record
+    /// it hears, and a stranger can multicast as many as it likes; starting
+    /// over each period bounds that cache to one period's worth.
+    daemon: Mutex<Option<ServiceDaemon>>,
+    /// The period of the current daemon.
+    daemon_period: Mutex<u64>,
     key: SecretKey,
     cfg: LanConfig,
     secrets: RwLock<Vec<PairSecret>>,
@@ -78,18 +83,10 @@ impl LanDiscovery {
     /// Starts the mDNS daemon, browsing and (once ports are published)
     /// announcing. Runs mDNS on every interface of this network namespace.
     pub fn start(key: &SecretKey, contacts: &[PeerId], cfg: LanConfig) -> Result<Self, String> {
-        let daemon = ServiceDaemon::new().map_err(|e| format!("mDNS: {e}"))?;
-        // A contact's announcement counts the moment it is multicast, not
-        // only when it answers one of our (backing-off) queries.
-        daemon
-            .accept_unsolicited(true)
-            .map_err(|e| format!("mDNS: {e}"))?;
-        let events = daemon
-            .browse(SERVICE_TYPE)
-            .map_err(|e| format!("mDNS browse: {e}"))?;
         let (wake, wake_rx) = std::sync::mpsc::sync_channel(4);
         let inner = Arc::new(Inner {
-            daemon,
+            daemon: Mutex::new(None),
+            daemon_period: Mutex::new(0),
             key: SecretKey::from_seed(&key.to_seed()),
             cfg,
             secrets: RwLock::new(Vec::new()),
@@ -100,19 +97,8 @@ impl LanDiscovery {
             wake,
         });
         let lan = LanDiscovery { inner };
+        lan.inner.recycle()?;
         lan.set_contacts(contacts);
-        let weak = Arc::downgrade(&lan.inner);
-        std::thread::Builder::new()
-            .name("coterie-lan-browse".into())
-            .spawn(move || {
-                while let Ok(ev) = events.recv() {
-                    let Some(inner) = weak.upgrade() else { return };
-                    if let ServiceEvent::ServiceResolved(info) = ev {
-                        inner.on_resolved(&info);
-                    }
-                }
-            })
-            .map_err(|e| e.to_string())?;
         let weak = Arc::downgrade(&lan.inner);
         std::thread::Builder::new()
             .name("coterie-lan-announce".into())
@@ -147,13 +133,56 @@ impl LanDiscovery {
     pub fn stop(&self) {
         self.inner.unregister_all();
         let _ = self.inner.wake.try_send(false);
-        let _ = self.inner.daemon.shutdown();
+        let old = self.inner.daemon.lock().ok().and_then(|mut d| d.take());
+        if let Some(d) = old {
+            let _ = d.shutdown();
+        }
     }
 }
 
 impl Inner {
     fn period(&self) -> u64 {
         record::period_of(now_secs(), self.cfg.period_secs)
+    }
+
+    /// Starts a fresh daemon (browsing) in place of the current one, which
+    /// is shut down after our records were withdrawn from it.
+    fn recycle(self: &Arc<Self>) -> Result<(), String> {
+        let daemon = ServiceDaemon::new().map_err(|e| format!("mDNS: {e}"))?;
+        // A contact's announcement counts the moment it is multicast, not
+        // only when it answers one of our (backing-off) queries.
+        daemon
+            .accept_unsolicited(true)
+            .map_err(|e| format!("mDNS: {e}"))?;
+        let events = daemon
+            .browse(SERVICE_TYPE)
+            .map_err(|e| format!("mDNS browse: {e}"))?;
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("coterie-lan-browse".into())
+            .spawn(move || {
+                // Ends when its daemon is shut down (the channel closes).
+                while let Ok(ev) = events.recv() {
+                    let Some(inner) = weak.upgrade() else { return };
+                    if let ServiceEvent::ServiceResolved(info) = ev {
+                        inner.on_resolved(&info);
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        self.unregister_all();
+        let old = self
+            .daemon
+            .lock()
+            .map_err(|_| "mDNS state poisoned".to_string())?
+            .replace(daemon);
+        if let Some(d) = old {
+            let _ = d.shutdown();
+        }
+        if let Ok(mut p) = self.daemon_period.lock() {
+            *p = self.period();
+        }
+        Ok(())
     }
 
     fn on_resolved(&self, info: &mdns_sd::ResolvedService) {
@@ -239,12 +268,24 @@ impl Inner {
             Ok(mut r) => std::mem::take(&mut *r),
             Err(_) => return,
         };
-        for n in names {
-            let _ = self.daemon.unregister(&n);
+        if let Ok(d) = self.daemon.lock()
+            && let Some(d) = d.as_ref()
+        {
+            for n in names {
+                let _ = d.unregister(&n);
+            }
         }
     }
 
-    fn announce(&self) {
+    fn announce(self: &Arc<Self>) {
+        let due = self
+            .daemon_period
+            .lock()
+            .map(|p| *p != self.period())
+            .unwrap_or(false);
+        if due && let Err(e) = self.recycle() {
+            tracing::warn!("cannot restart LAN discovery: {e}");
+        }
         let Some(ports) = self.ports.read().ok().and_then(|p| *p) else {
             return;
         };
@@ -266,7 +307,14 @@ impl Inner {
                     }
                 };
             let name = info.get_fullname().to_string();
-            match self.daemon.register(info) {
+            let res = match self.daemon.lock() {
+                Ok(d) => match d.as_ref() {
+                    Some(d) => d.register(info).map_err(|e| e.to_string()),
+                    None => return,
+                },
+                Err(_) => return,
+            };
+            match res {
                 Ok(()) => names.push(name),
                 Err(e) => tracing::warn!("cannot announce on the LAN: {e}"),
             }
