@@ -30,19 +30,23 @@ pub fn coterie_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (tools).
+        let exe = std::env::current_exe().expect("current exe");
+        let mut dir = exe.parent().expect("exe dir").to_path_buf();
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir.pop();
+        }
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_string(),
+            Some(p) => p.to_string(),
+        };
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "coterie-node", "--bin", "coterie"])
+            .args(["build", "--quiet", "--profile", &profile, "-p", "coterie-node", "--bin", "coterie"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("cannot run cargo to build the coterie binary");
         assert!(status.success(), "building the coterie binary failed");
-        // target/<profile>/deps/<test> → target/<profile>/coterie
-        let exe = std::env::current_exe().expect("current exe");
-        let bin = exe
-            .parent()
-            .and_then(|d| d.parent())
-            .expect("target dir")
-            .join("coterie");
+        let bin = dir.join("coterie");
         assert!(
             bin.exists(),
             "coterie binary not found at {}",

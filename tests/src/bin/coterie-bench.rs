@@ -485,6 +485,53 @@ fn omemo(n: usize) {
     println!();
 }
 
+/// LAN discovery: two contacts whose stored addresses are all stale start
+/// at the same moment on a namespaced LAN; time until both see the session.
+/// Needs root (network namespaces).
+fn lan(runs: usize) {
+    use coterie_tests::netns::Lan;
+    use coterie_tests::{NodeProc, free_port, introduce};
+    println!("## LAN discovery: both nodes started → contacts connected, {runs} runs");
+    let net = Lan::new(2);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut a = NodeProc::init(tmp.path(), "alice_bench");
+    let mut b = NodeProc::init(tmp.path(), "bob_bench");
+    a.netns = Some(net.hosts[0].clone());
+    b.netns = Some(net.hosts[1].clone());
+    let args = ["--lan", "--lan-period", "600"];
+    a.start_with(&args);
+    b.start_with(&args);
+    introduce(&a, &b);
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        a.stop();
+        b.stop();
+        a.port = free_port();
+        b.port = free_port();
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| a.start_with(&args));
+            s.spawn(|| b.start_with(&args));
+        });
+        loop {
+            if a.connected_to("bob_bench") && b.connected_to("alice_bench") {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "no connection within 60 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    a.stop();
+    b.stop();
+    let (med, p90, _) = stats(times.clone());
+    let mut sorted = times;
+    sorted.sort_by(|x, y| x.total_cmp(y));
+    let p95 = sorted[((sorted.len() as f64 * 0.95).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)];
+    println!("| median ms | p90 ms | p95 ms | goal |\n| --- | --- | --- | --- |");
+    println!("| {med:.0} | {p90:.0} | {p95:.0} | median ≤ 1000 |\n");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let what = args.get(1).map(String::as_str).unwrap_or("all");
@@ -521,6 +568,10 @@ fn main() {
     }
     if matches!(what, "all" | "throughput") {
         rt.block_on(throughput(flag("--messages", 20_000)));
+    }
+    if what == "lan" {
+        lan(flag("--runs", 20));
+        return;
     }
     if matches!(what, "all" | "omemo") {
         omemo(flag("--omemo-messages", 10_000));
