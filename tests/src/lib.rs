@@ -41,7 +41,16 @@ pub fn coterie_bin() -> &'static Path {
             Some(p) => p.to_string(),
         };
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "--profile", &profile, "-p", "coterie-node", "--bin", "coterie"])
+            .args([
+                "build",
+                "--quiet",
+                "--profile",
+                &profile,
+                "-p",
+                "coterie-node",
+                "--bin",
+                "coterie",
+            ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("cannot run cargo to build the coterie binary");

@@ -59,14 +59,19 @@ impl Lan {
             hosts: Vec::new(),
             bridge: format!("{p}br"),
         };
-        let setup = || -> Result<Vec<Host>, String> {
+        // Only what this call created is deleted on failure (a name taken by
+        // another run is never touched).
+        let mut created: Vec<String> = Vec::new();
+        let mut setup = || -> Result<Vec<Host>, String> {
             ip(&["netns", "add", &lan.bridge])?;
+            created.push(lan.bridge.clone());
             ip(&["-n", &lan.bridge, "link", "add", "br0", "type", "bridge"])?;
             ip(&["-n", &lan.bridge, "link", "set", "br0", "up"])?;
             let mut hosts = Vec::new();
             for i in 0..n {
                 let ns = format!("{p}h{i}");
                 ip(&["netns", "add", &ns])?;
+                created.push(ns.clone());
                 let port = format!("p{i}");
                 ip(&[
                     "-n",
@@ -108,16 +113,14 @@ impl Lan {
             }
             Ok(hosts)
         };
-        match setup() {
+        let result = setup();
+        match result {
             Ok(h) => lan.hosts = h,
             Err(e) => {
-                lan.hosts = (0..n)
-                    .map(|i| Host {
-                        ns: format!("{p}h{i}"),
-                        ip: Ipv4Addr::UNSPECIFIED,
-                    })
-                    .collect();
-                drop(lan);
+                for ns in &created {
+                    let _ = ip(&["netns", "del", ns]);
+                }
+                std::mem::forget(lan);
                 panic!("cannot build the test LAN (needs root and iproute2): {e}");
             }
         }

@@ -54,6 +54,10 @@ struct Inner {
     secrets: RwLock<Vec<PairSecret>>,
     seen: Mutex<HashMap<PeerId, Seen>>,
     ports: RwLock<Option<Ports>>,
+    /// The addresses we announce: only those we listen on (never every
+    /// interface's, which could include stable MAC-derived IPv6 addresses).
+    ips: RwLock<Vec<IpAddr>>,
+    stopped: std::sync::atomic::AtomicBool,
     registered: Mutex<Vec<String>>,
     found: RwLock<Option<FoundHook>>,
     /// Wakes the announcer early (ports or contacts changed, or stop).
@@ -92,6 +96,8 @@ impl LanDiscovery {
             secrets: RwLock::new(Vec::new()),
             seen: Mutex::new(HashMap::new()),
             ports: RwLock::new(None),
+            ips: RwLock::new(Vec::new()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
             registered: Mutex::new(Vec::new()),
             found: RwLock::new(None),
             wake,
@@ -131,16 +137,30 @@ impl LanDiscovery {
 
     /// Stops announcing and browsing.
     pub fn stop(&self) {
-        self.inner.unregister_all();
-        let _ = self.inner.wake.try_send(false);
-        let old = self.inner.daemon.lock().ok().and_then(|mut d| d.take());
-        if let Some(d) = old {
-            let _ = d.shutdown();
-        }
+        self.inner.stop();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
 impl Inner {
+    /// Withdraws our records and shuts the daemon down; the announcer sees
+    /// `stopped` and never starts another.
+    fn stop(&self) {
+        use std::sync::atomic::Ordering;
+        self.stopped.store(true, Ordering::SeqCst);
+        self.unregister_all();
+        let old = self.daemon.lock().ok().and_then(|mut d| d.take());
+        if let Some(d) = old {
+            let _ = d.shutdown();
+        }
+        let _ = self.wake.try_send(false);
+    }
+
     fn period(&self) -> u64 {
         record::period_of(now_secs(), self.cfg.period_secs)
     }
@@ -171,11 +191,18 @@ impl Inner {
             })
             .map_err(|e| e.to_string())?;
         self.unregister_all();
-        let old = self
-            .daemon
-            .lock()
-            .map_err(|_| "mDNS state poisoned".to_string())?
-            .replace(daemon);
+        let old = {
+            let mut slot = self
+                .daemon
+                .lock()
+                .map_err(|_| "mDNS state poisoned".to_string())?;
+            if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                // Stopped meanwhile: the new daemon goes too.
+                Some(daemon)
+            } else {
+                slot.replace(daemon)
+            }
+        };
         if let Some(d) = old {
             let _ = d.shutdown();
         }
@@ -202,8 +229,9 @@ impl Inner {
             nonce,
             slots,
         };
+        let ips: Vec<IpAddr> = info.addresses.iter().map(|a| a.to_ip_addr()).collect();
         let hits = match self.secrets.read() {
-            Ok(s) => record::read(&rec, &s, self.period()),
+            Ok(s) => record::read(&rec, &ips, &s, self.period()),
             Err(_) => return,
         };
         for (peer, ports) in hits {
@@ -246,19 +274,28 @@ impl Inner {
                 )
             });
             addrs.truncate(crate::MAX_ADDRS_PER_PEER);
-            if let Ok(mut seen) = self.seen.lock() {
-                seen.insert(
-                    peer,
-                    Seen {
-                        addrs,
-                        at: Instant::now(),
-                    },
-                );
-            }
-            tracing::debug!("a contact's LAN record was seen");
-            let hook = self.found.read().ok().and_then(|h| h.clone());
-            if let Some(h) = hook {
-                h(&peer);
+            // The hook (dial now) fires only for addresses not seen before:
+            // repeats of a record cost nothing.
+            let new = match self.seen.lock() {
+                Ok(mut seen) => {
+                    let new = seen.get(&peer).is_none_or(|s| s.addrs != addrs);
+                    seen.insert(
+                        peer,
+                        Seen {
+                            addrs,
+                            at: Instant::now(),
+                        },
+                    );
+                    new
+                }
+                Err(_) => false,
+            };
+            if new {
+                tracing::debug!("a contact's LAN record was seen");
+                let hook = self.found.read().ok().and_then(|h| h.clone());
+                if let Some(h) = hook {
+                    h(&peer);
+                }
             }
         }
     }
@@ -286,26 +323,42 @@ impl Inner {
         if due && let Err(e) = self.recycle() {
             tracing::warn!("cannot restart LAN discovery: {e}");
         }
+        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let Some(ports) = self.ports.read().ok().and_then(|p| *p) else {
             return;
         };
+        let ips = self.ips.read().map(|i| i.clone()).unwrap_or_default();
+        if ips.is_empty() {
+            return;
+        }
         let records = match self.secrets.read() {
-            Ok(s) => record::announce(&s, ports, self.period(), &mut rand::rngs::OsRng),
+            Ok(s) => record::announce(&s, ports, &ips, self.period(), &mut rand::rngs::OsRng),
             Err(_) => return,
         };
+        let ip_list: Vec<IpAddr> = ips.clone();
         self.unregister_all();
         let mut names = Vec::new();
         for r in records {
             let props: HashMap<String, String> = r.txt().into_iter().collect();
-            let info =
-                match ServiceInfo::new(SERVICE_TYPE, &r.instance, &r.host, "", r.decoy_port, props)
-                {
-                    Ok(i) => i.enable_addr_auto(),
-                    Err(e) => {
-                        tracing::warn!("cannot build a LAN record: {e}");
-                        continue;
-                    }
-                };
+            let mut info = match ServiceInfo::new(
+                SERVICE_TYPE,
+                &r.instance,
+                &r.host,
+                ip_list.as_slice(),
+                r.decoy_port,
+                props,
+            ) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!("cannot build a LAN record: {e}");
+                    continue;
+                }
+            };
+            // Names are 80 random bits: a conflict cannot happen, and
+            // probing for one (RFC 6762 §8.1) would delay the record ~0.8 s.
+            info.set_requires_probe(false);
             let name = info.get_fullname().to_string();
             let res = match self.daemon.lock() {
                 Ok(d) => match d.as_ref() {
@@ -357,6 +410,22 @@ impl Discovery for LanDiscovery {
     }
 
     fn publish(&self, _me: &PeerId, addrs: &[PeerAddr]) {
+        let mut ips: Vec<IpAddr> = addrs
+            .iter()
+            .filter_map(|a| match a {
+                PeerAddr::Tcp(s) | PeerAddr::Quic(s) => Some(s.ip()),
+                _ => None,
+            })
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast())
+            .collect();
+        ips.sort();
+        ips.dedup();
+        if ips.is_empty() {
+            tracing::warn!("LAN discovery: no LAN address to announce (listen on the LAN address)");
+        }
+        if let Ok(mut i) = self.inner.ips.write() {
+            *i = ips;
+        }
         let tcp = addrs.iter().find_map(|a| match a {
             PeerAddr::Tcp(s) => Some(s.port()),
             _ => None,

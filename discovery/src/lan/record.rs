@@ -116,9 +116,20 @@ impl PairSecret {
         m.finalize().into_bytes().into()
     }
 
-    fn tag(&self, announcer: &PeerId, period: u64, nonce: &[u8; NONCE_LEN]) -> [u8; TAG_LEN] {
+    /// The tag also covers the record's addresses: a stranger who adds an
+    /// address to someone's record (or replays it from elsewhere) makes it
+    /// unreadable, never points a contact at itself.
+    fn tag(
+        &self,
+        announcer: &PeerId,
+        period: u64,
+        nonce: &[u8; NONCE_LEN],
+        addrs: &[u8],
+    ) -> [u8; TAG_LEN] {
+        let mut input = nonce.to_vec();
+        input.extend_from_slice(addrs);
         let mut t = [0u8; TAG_LEN];
-        t.copy_from_slice(&self.prf(b"tag", announcer, period, nonce)[..TAG_LEN]);
+        t.copy_from_slice(&self.prf(b"tag", announcer, period, &input)[..TAG_LEN]);
         t
     }
 
@@ -128,14 +139,34 @@ impl PairSecret {
         m
     }
 
-    /// A token both sides can compute for `period`, never sent in a record:
-    /// the dialer proves with it that it read this period's announcement.
-    pub fn token(&self, period: u64) -> [u8; 16] {
+    /// A token both sides can compute for `period` and the node that
+    /// announced (`announcer`: us or the contact), never sent in a record:
+    /// the dialer can prove with it that it read this period's announcement.
+    pub fn token(&self, announcer: &PeerId, period: u64) -> [u8; 16] {
         let mut t = [0u8; 16];
-        // The announcer's point of view: the listener is the one announcing.
-        t.copy_from_slice(&self.prf(b"token", &self.me, period, &[])[..16]);
+        t.copy_from_slice(&self.prf(b"token", announcer, period, &[])[..16]);
         t
     }
+
+    /// Our key (the announcer of the records we publish).
+    pub fn me(&self) -> &PeerId {
+        &self.me
+    }
+}
+
+/// The canonical bytes of a record's address set (sorted, deduplicated;
+/// IPv4 as 4 bytes, IPv6 as 16), covered by every tag.
+pub fn address_bytes(ips: &[std::net::IpAddr]) -> Vec<u8> {
+    let mut v: Vec<Vec<u8>> = ips
+        .iter()
+        .map(|ip| match ip {
+            std::net::IpAddr::V4(a) => a.octets().to_vec(),
+            std::net::IpAddr::V6(a) => a.octets().to_vec(),
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v.concat()
 }
 
 /// The period of a Unix time.
@@ -175,9 +206,11 @@ fn label(rng: &mut impl RngCore, bytes: usize) -> String {
 pub fn announce(
     secrets: &[PairSecret],
     ports: Ports,
+    ips: &[std::net::IpAddr],
     period: u64,
     rng: &mut (impl RngCore + CryptoRng),
 ) -> Vec<Record> {
+    let addrs = address_bytes(ips);
     let mut order: Vec<&PairSecret> = secrets.iter().collect();
     order.shuffle(rng);
     let mut chunks: Vec<Vec<&PairSecret>> = order.chunks(MAX_SLOTS).map(<[_]>::to_vec).collect();
@@ -196,7 +229,7 @@ pub fn announce(
                 .iter()
                 .map(|s| {
                     let mut slot = [0u8; SLOT_LEN];
-                    slot[..TAG_LEN].copy_from_slice(&s.tag(&s.me, period, &nonce));
+                    slot[..TAG_LEN].copy_from_slice(&s.tag(&s.me, period, &nonce, &addrs));
                     let mask = s.mask(&s.me, period, &nonce);
                     for i in 0..4 {
                         slot[TAG_LEN + i] = port_bytes[i] ^ mask[i];
@@ -228,11 +261,18 @@ pub fn announce(
 
 /// The contacts a record addresses us from, with their ports: each of our
 /// contacts whose tag for a period near `now` is in the record.
-pub fn read(record: &Record, secrets: &[PairSecret], now: u64) -> Vec<(PeerId, Ports)> {
+/// `ips` are the addresses the record came with.
+pub fn read(
+    record: &Record,
+    ips: &[std::net::IpAddr],
+    secrets: &[PairSecret],
+    now: u64,
+) -> Vec<(PeerId, Ports)> {
+    let addrs = address_bytes(ips);
     let mut found = Vec::new();
     for s in secrets {
         'periods: for p in [now, now.wrapping_sub(1), now.wrapping_add(1)] {
-            let tag = s.tag(&s.peer, p, &record.nonce);
+            let tag = s.tag(&s.peer, p, &record.nonce, &addrs);
             for slot in &record.slots {
                 if bool::from(slot[..TAG_LEN].ct_eq(&tag)) {
                     let mask = s.mask(&s.peer, p, &record.nonce);
@@ -300,7 +340,7 @@ impl Record {
                     let Some(i) = k.strip_prefix('s').and_then(|i| i.parse::<usize>().ok()) else {
                         continue;
                     };
-                    if i * SLOTS_PER_TXT >= MAX_SLOTS || v.len() > 256 {
+                    if i >= MAX_SLOTS.div_ceil(SLOTS_PER_TXT) || v.len() > 256 {
                         return Err(TxtError::Slots);
                     }
                     let bytes = b64.decode(v).map_err(|_| TxtError::Slots)?;
@@ -350,26 +390,55 @@ mod tests {
         tcp: 7474,
         quic: 7475,
     };
+    const IPS: [std::net::IpAddr; 1] = [std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2))];
+
+    #[test]
+    fn a_record_with_other_addresses_reads_as_nothing() {
+        let (a, b) = (key(1), key(2));
+        let recs = announce(&secrets(&a, &[&b]), PORTS, &IPS, 7, &mut rand::rngs::OsRng);
+        let attacker = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 66));
+        let s = secrets(&b, &[&a]);
+        assert_eq!(read(&recs[0], &IPS, &s, 7).len(), 1);
+        assert!(
+            read(&recs[0], &[IPS[0], attacker], &s, 7).is_empty(),
+            "an added address"
+        );
+        assert!(
+            read(&recs[0], &[attacker], &s, 7).is_empty(),
+            "replayed from elsewhere"
+        );
+        // Order and duplicates do not matter.
+        assert_eq!(read(&recs[0], &[IPS[0], IPS[0]], &s, 7).len(), 1);
+    }
+
+    #[test]
+    fn both_sides_compute_the_same_token() {
+        let (a, b) = (key(1), key(2));
+        let sa = PairSecret::new(&a, &b.peer_id()).expect("a");
+        let sb = PairSecret::new(&b, &a.peer_id()).expect("b");
+        assert_eq!(sa.token(&a.peer_id(), 3), sb.token(&a.peer_id(), 3));
+        assert_ne!(sa.token(&a.peer_id(), 3), sa.token(&b.peer_id(), 3));
+    }
 
     #[test]
     fn contacts_read_the_record_and_strangers_do_not() {
         let (a, b, c, x) = (key(1), key(2), key(3), key(9));
         let mut rng = rand::rngs::OsRng;
-        let recs = announce(&secrets(&a, &[&b, &c]), PORTS, 100, &mut rng);
+        let recs = announce(&secrets(&a, &[&b, &c]), PORTS, &IPS, 100, &mut rng);
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].slots.len(), 8, "padded to the first bucket");
         for reader in [&b, &c] {
-            let got = read(&recs[0], &secrets(reader, &[&a, &x]), 100);
+            let got = read(&recs[0], &IPS, &secrets(reader, &[&a, &x]), 100);
             assert_eq!(got, vec![(a.peer_id(), PORTS)]);
         }
         // Clock skew of one period either way is tolerated; two is not.
-        assert_eq!(read(&recs[0], &secrets(&b, &[&a]), 101).len(), 1);
-        assert_eq!(read(&recs[0], &secrets(&b, &[&a]), 99).len(), 1);
-        assert!(read(&recs[0], &secrets(&b, &[&a]), 102).is_empty());
+        assert_eq!(read(&recs[0], &IPS, &secrets(&b, &[&a]), 101).len(), 1);
+        assert_eq!(read(&recs[0], &IPS, &secrets(&b, &[&a]), 99).len(), 1);
+        assert!(read(&recs[0], &IPS, &secrets(&b, &[&a]), 102).is_empty());
         // A stranger, or a contact of b that is not a's, learns nothing.
-        assert!(read(&recs[0], &secrets(&x, &[&a, &b, &c]), 100).is_empty());
+        assert!(read(&recs[0], &IPS, &secrets(&x, &[&a, &b, &c]), 100).is_empty());
         // Our own record does not read as one from our contacts.
-        assert!(read(&recs[0], &secrets(&a, &[&b, &c]), 100).is_empty());
+        assert!(read(&recs[0], &IPS, &secrets(&a, &[&b, &c]), 100).is_empty());
     }
 
     #[test]
@@ -383,13 +452,16 @@ mod tests {
             })
             .collect();
         let refs: Vec<&SecretKey> = others.iter().collect();
-        let recs = announce(&secrets(&me, &refs), PORTS, 5, &mut rand::rngs::OsRng);
+        let recs = announce(&secrets(&me, &refs), PORTS, &IPS, 5, &mut rand::rngs::OsRng);
         assert_eq!(recs.len(), 3);
         assert!(recs.iter().all(|r| r.slots.len() <= MAX_SLOTS));
         let mut seen = 0;
         for o in &others {
             let s = secrets(o, &[&me]);
-            seen += recs.iter().filter(|r| !read(r, &s, 5).is_empty()).count();
+            seen += recs
+                .iter()
+                .filter(|r| !read(r, &IPS, &s, 5).is_empty())
+                .count();
         }
         assert_eq!(seen, 150, "every contact finds itself exactly once");
     }
@@ -399,8 +471,8 @@ mod tests {
         let (a, b) = (key(1), key(2));
         let s = secrets(&a, &[&b]);
         let mut rng = rand::rngs::OsRng;
-        let r1 = &announce(&s, PORTS, 1, &mut rng)[0];
-        let r2 = &announce(&s, PORTS, 2, &mut rng)[0];
+        let r1 = &announce(&s, PORTS, &IPS, 1, &mut rng)[0];
+        let r2 = &announce(&s, PORTS, &IPS, 2, &mut rng)[0];
         assert_ne!(r1.instance, r2.instance);
         assert_ne!(r1.host, r2.host);
         assert_ne!(r1.nonce, r2.nonce);
@@ -421,14 +493,14 @@ mod tests {
 
     #[test]
     fn no_contacts_still_announces_a_padded_record() {
-        let recs = announce(&[], PORTS, 1, &mut rand::rngs::OsRng);
+        let recs = announce(&[], PORTS, &IPS, 1, &mut rand::rngs::OsRng);
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].slots.len(), 8);
     }
 
     #[test]
     fn hostile_txt_is_refused() {
-        let ok = announce(&[], PORTS, 1, &mut rand::rngs::OsRng)
+        let ok = announce(&[], PORTS, &IPS, 1, &mut rand::rngs::OsRng)
             .remove(0)
             .txt();
         let props = |v: &[(String, String)]| -> Vec<(String, Vec<u8>)> {
@@ -461,7 +533,7 @@ mod tests {
                 SecretKey::from_seed(&s)
             }).collect();
             let refs: Vec<&SecretKey> = others.iter().collect();
-            for r in announce(&secrets(&me, &refs), Ports { tcp, quic }, 3, &mut rand::rngs::OsRng) {
+            for r in announce(&secrets(&me, &refs), Ports { tcp, quic }, &IPS, 3, &mut rand::rngs::OsRng) {
                 let txt: Vec<(String, Vec<u8>)> = r.txt().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
                 for (k, v) in &txt {
                     prop_assert!(k.len() + 1 + v.len() <= 255, "TXT string too long");

@@ -288,21 +288,15 @@ async fn dialer(shared: Arc<Shared>, contact: u64) {
             // Fresh discovery results first: stored addresses may be stale.
             let addrs = discovery::merge(&[&found, &known]);
             if !addrs.is_empty() {
-                // Fresh addresses from discovery abandon an attempt on older
-                // ones (a stale QUIC address takes a handshake timeout).
-                let attempt = tokio::select! {
-                    r = dial_once(&shared, &c, &addrs) => Some(r),
-                    () = found_new.notified() => None,
-                };
-                match attempt {
-                    Some(Ok(())) => backoff = BACKOFF_MIN,
-                    Some(Err(e)) => {
-                        tracing::debug!(contact, "dial failed: {e}");
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                    }
-                    None => {
+                match dial_once(&shared, &c, &addrs, &found_new).await {
+                    Ok(()) => backoff = BACKOFF_MIN,
+                    Err(DialEnd::FreshAddresses) => {
                         backoff = BACKOFF_MIN;
                         continue;
+                    }
+                    Err(DialEnd::Failed(e)) => {
+                        tracing::debug!(contact, "dial failed: {e}");
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
                 }
             }
@@ -358,7 +352,36 @@ async fn set_contact_state(
 const REFUSED_AT_HANDSHAKE: &str = "the inviter's node refused the connection: the invite was already used, expired or withdrawn; ask for a new one";
 
 /// Dials the contact's addresses in order; on success runs the session to its end.
-async fn dial_once(shared: &Arc<Shared>, c: &Contact, addrs: &[PeerAddr]) -> Result<(), String> {
+/// How a dial attempt ended without a session.
+enum DialEnd {
+    /// Discovery found fresh addresses while we were connecting to older
+    /// ones: start over with them.
+    FreshAddresses,
+    /// It failed.
+    Failed(String),
+}
+
+impl From<String> for DialEnd {
+    fn from(e: String) -> Self {
+        DialEnd::Failed(e)
+    }
+}
+
+impl From<&str> for DialEnd {
+    fn from(e: &str) -> Self {
+        DialEnd::Failed(e.to_string())
+    }
+}
+
+/// Dials `addrs` in order and runs the session on the first that answers.
+/// Only the connecting (TCP/QUIC and TLS handshake) is abandoned when fresh
+/// addresses arrive, never a running session.
+async fn dial_once(
+    shared: &Arc<Shared>,
+    c: &Contact,
+    addrs: &[PeerAddr],
+    found_new: &tokio::sync::Notify,
+) -> Result<(), DialEnd> {
     let peer = PeerId::from_bytes(c.peer).map_err(|e| e.to_string())?;
     let mut last = String::from("no usable address");
     for addr in addrs {
@@ -369,7 +392,11 @@ async fn dial_once(shared: &Arc<Shared>, c: &Contact, addrs: &[PeerAddr]) -> Res
         else {
             continue;
         };
-        match t.dial(addr, peer).await {
+        let connected = tokio::select! {
+            r = t.dial(addr, peer) => r,
+            () = found_new.notified() => return Err(DialEnd::FreshAddresses),
+        };
+        match connected {
             Ok(mut a) => {
                 match &c.state {
                     ContactState::Redeeming { invite_id, secret } => {
@@ -393,7 +420,7 @@ async fn dial_once(shared: &Arc<Shared>, c: &Contact, addrs: &[PeerAddr]) -> Res
                             if refused_by_peer(&e.to_string()) {
                                 mark_refused(shared, c.id, REFUSED_AT_HANDSHAKE).await?;
                             }
-                            return Err(e.to_string());
+                            return Err(DialEnd::Failed(e.to_string()));
                         }
                         let id = c.id;
                         let new_state = if st[0] == 0 {
@@ -429,12 +456,12 @@ async fn dial_once(shared: &Arc<Shared>, c: &Contact, addrs: &[PeerAddr]) -> Res
                 last = e.to_string();
                 if matches!(c.state, ContactState::Redeeming { .. }) && refused_by_peer(&last) {
                     mark_refused(shared, c.id, REFUSED_AT_HANDSHAKE).await?;
-                    return Err(last);
+                    return Err(DialEnd::Failed(last));
                 }
             }
         }
     }
-    Err(last)
+    Err(DialEnd::Failed(last))
 }
 
 fn session_id(a: &PeerId, b: &PeerId) -> String {

@@ -517,7 +517,10 @@ fn lan(runs: usize) {
             if a.connected_to("bob_bench") && b.connected_to("alice_bench") {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(60), "no connection within 60 s");
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "no connection within 60 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         times.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -527,7 +530,9 @@ fn lan(runs: usize) {
     let (med, p90, _) = stats(times.clone());
     let mut sorted = times;
     sorted.sort_by(|x, y| x.total_cmp(y));
-    let p95 = sorted[((sorted.len() as f64 * 0.95).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)];
+    let p95 = sorted[((sorted.len() as f64 * 0.95).ceil() as usize)
+        .saturating_sub(1)
+        .min(sorted.len() - 1)];
     println!("| median ms | p90 ms | p95 ms | goal |\n| --- | --- | --- | --- |");
     println!("| {med:.0} | {p90:.0} | {p95:.0} | median ≤ 1000 |\n");
 }
