@@ -474,8 +474,11 @@ mod omemo_state {
         // not for our device: only failures and at most the cap remain.
         for i in 0..40u8 {
             let id = Identity::from_seed(&[100 + i; 32]);
-            let mut sess =
-                Session::initiate(&id, &own_bundle, &mut rand::rngs::OsRng).expect("initiate");
+            // Each its own one-time prekey: a reused one is refused, which
+            // is not what this test is about.
+            let mut b = own_bundle.clone();
+            b.prekeys = vec![own_bundle.prekeys[usize::from(i)]];
+            let mut sess = Session::initiate(&id, &b, &mut rand::rngs::OsRng).expect("initiate");
             let rid = if i % 2 == 0 {
                 own.device_id
             } else {
