@@ -93,6 +93,29 @@ fn enc_to(
     )
 }
 
+/// One of the contact's devices, sending to the node's device.
+struct DeviceOf<'a> {
+    id: &'a Identity,
+    device: u32,
+    from_jid: &'a str,
+    to_jid: &'a str,
+    to_dev: u32,
+}
+
+impl DeviceOf<'_> {
+    fn enc(&self, session: &mut Session, text: &str) -> EncryptedElement {
+        enc_to(
+            self.id,
+            self.device,
+            self.to_jid,
+            self.to_dev,
+            session,
+            self.from_jid,
+            text,
+        )
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_encrypts_everything_and_survives_bad_omemo_input() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -175,44 +198,28 @@ async fn node_encrypts_everything_and_survives_bad_omemo_input() {
     let body = sce::open(&out.plaintext.expect("payload"), &alice_jid).expect("envelope");
     assert_eq!(body.as_deref(), Some("the plan <is> & stays secret"));
     let mut session = slot.current.clone().expect("session");
+    let to = |id, device| DeviceOf {
+        id,
+        device,
+        from_jid: &evil_jid,
+        to_jid: &alice_jid,
+        to_dev: alice_dev,
+    };
+    let as_evil = to(&id, dev.device_id);
 
     // Now the contact sends, good and bad.
-    let good1 = enc_to(
-        &id,
-        dev.device_id,
-        &alice_jid,
-        alice_dev,
-        &mut session,
-        &evil_jid,
-        "hello alice",
-    );
+    let good1 = as_evil.enc(&mut session, "hello alice");
     conn.send(&stanza("g1", &good1)).await.expect("send");
     // A replay of it under a new stanza id.
     conn.send(&stanza("replay", &good1)).await.expect("send");
     // Forged: payload altered.
-    let mut forged = enc_to(
-        &id,
-        dev.device_id,
-        &alice_jid,
-        alice_dev,
-        &mut session,
-        &evil_jid,
-        "forged",
-    );
+    let mut forged = as_evil.enc(&mut session, "forged");
     if let Some(p) = forged.payload.as_mut() {
         p[3] ^= 0x40;
     }
     conn.send(&stanza("forged", &forged)).await.expect("send");
     // Truncated key.
-    let mut truncated = enc_to(
-        &id,
-        dev.device_id,
-        &alice_jid,
-        alice_dev,
-        &mut session,
-        &evil_jid,
-        "truncated",
-    );
+    let mut truncated = as_evil.enc(&mut session, "truncated");
     truncated.keys[0].data.truncate(10);
     conn.send(&stanza("trunc", &truncated)).await.expect("send");
     // A device the contact never announced, with another identity key.
@@ -220,39 +227,17 @@ async fn node_encrypts_everything_and_survives_bad_omemo_input() {
     one_pk.prekeys.truncate(1);
     let id2 = Identity::from_seed(&[0x42; 32]);
     let dev2 = OwnDevice::new(0, &mut rand::rngs::OsRng);
+    let as_dev2 = to(&id2, dev2.device_id);
     let mut s2 = Session::initiate(&id2, &one_pk, &mut rand::rngs::OsRng).expect("initiate");
-    let new_dev = enc_to(
-        &id2,
-        dev2.device_id,
-        &alice_jid,
-        alice_dev,
-        &mut s2,
-        &evil_jid,
-        "from a new device",
-    );
+    let new_dev = as_dev2.enc(&mut s2, "from a new device");
     conn.send(&stanza("newdev", &new_dev)).await.expect("send");
     // A third identity reusing the same one-time prekey: refused.
     let id3 = Identity::from_seed(&[0x43; 32]);
+    let as_dev3 = to(&id3, 777);
     let mut s3 = Session::initiate(&id3, &one_pk, &mut rand::rngs::OsRng).expect("initiate");
-    let reuse = enc_to(
-        &id3,
-        777,
-        &alice_jid,
-        alice_dev,
-        &mut s3,
-        &evil_jid,
-        "prekey reused",
-    );
+    let reuse = as_dev3.enc(&mut s3, "prekey reused");
     conn.send(&stanza("reuse", &reuse)).await.expect("send");
-    let good2 = enc_to(
-        &id,
-        dev.device_id,
-        &alice_jid,
-        alice_dev,
-        &mut session,
-        &evil_jid,
-        "still here",
-    );
+    let good2 = as_evil.enc(&mut session, "still here");
     conn.send(&stanza("g2", &good2)).await.expect("send");
 
     let hist = wait_for(
@@ -355,15 +340,7 @@ async fn node_encrypts_everything_and_survives_bad_omemo_input() {
         msg.contains("coterie fingerprints"),
         "the error says what to do: {msg}"
     );
-    let after = enc_to(
-        &id2,
-        dev2.device_id,
-        &alice_jid,
-        alice_dev,
-        &mut s2,
-        &evil_jid,
-        "verified now",
-    );
+    let after = as_dev2.enc(&mut s2, "verified now");
     conn.send(&stanza("ver", &after)).await.expect("send");
     let m = wait_for(
         "message from the verified device",
@@ -382,15 +359,7 @@ async fn node_encrypts_everything_and_survives_bad_omemo_input() {
     let mut stray =
         Session::initiate(&id, &alice_bundle, &mut rand::rngs::OsRng).expect("initiate");
     stray.confirmed = true;
-    let forged_mac = enc_to(
-        &id,
-        dev.device_id,
-        &alice_jid,
-        alice_dev,
-        &mut stray,
-        &evil_jid,
-        "forged ratchet",
-    );
+    let forged_mac = as_evil.enc(&mut stray, "forged ratchet");
     conn.send(&stanza("badmac", &forged_mac))
         .await
         .expect("send");
