@@ -19,7 +19,33 @@ async fn unknown_key_is_refused_in_the_handshake_on_tcp_and_quic() {
     let tmp = tempfile::tempdir().expect("tmp");
     let (a, b) = running_pair(tmp.path());
     let key = a.key();
-    let xml_before = stat(&a, "xml_bytes_in");
+    // The pair's own traffic (OMEMO announcements after the session opens)
+    // must be over before counting: wait until bob's device is known and
+    // the counter stands still for half a second.
+    wait_for(
+        "bob's OMEMO device announced",
+        Duration::from_secs(10),
+        || {
+            let fp = a.cli(&["fingerprints", "bob"]);
+            fp.json
+                .first()
+                .and_then(|v| v["devices"].as_array().map(|d| !d.is_empty()))
+                .unwrap_or(false)
+                .then_some(())
+        },
+    );
+    let mut xml_before = stat(&a, "xml_bytes_in");
+    wait_for(
+        "the pair's traffic to settle",
+        Duration::from_secs(10),
+        || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = stat(&a, "xml_bytes_in");
+            let settled = now == xml_before;
+            xml_before = now;
+            settled.then_some(())
+        },
+    );
     let refused_before = stat(&a, "tls_refused");
     let stranger = RawPeer::new();
     for addr in [
