@@ -141,6 +141,12 @@ fn contacts_find_each_other_and_a_stranger_learns_nothing() {
         !packets.is_empty(),
         "the observer saw no mDNS packet at all"
     );
+    let v6 = seen.iter().filter(|v| v["v6"] == true).count();
+    eprintln!(
+        "observer: {} mDNS packets ({v6} over IPv6), {} resolved records",
+        packets.len(),
+        seen.iter().filter(|v| v.get("record").is_some()).count()
+    );
 
     // Nothing that identifies anyone, in any packet.
     let mut forbidden: Vec<(String, Vec<u8>)> = Vec::new();

@@ -1,8 +1,8 @@
 //! A stranger on the LAN: records everything Coterie puts on mDNS. Run it
 //! inside a test namespace only (`ip netns exec NS lan-observer SECS IP`).
 //!
-//! Prints JSON lines: `{"packet": "<hex>", "at": ms}` for every mDNS packet
-//! received (raw, whatever it is), and `{"record": {...}, "at": ms}` for
+//! Prints JSON lines: `{"packet": "<hex>", "v6": bool, "at": ms}` for every
+//! mDNS packet received over IPv4 or IPv6 (raw, whatever it is), and `{"record": {...}, "at": ms}` for
 //! every Coterie service instance resolved (name, host, port, addresses,
 //! TXT), until SECS seconds have passed.
 
@@ -37,18 +37,40 @@ fn main() {
         .expect("join");
     udp.set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
-    let raw = std::thread::spawn(move || {
-        let mut buf = [0u8; 9000];
-        while Instant::now() < until {
-            if let Ok(n) = udp.recv(&mut buf) {
-                let hex: String = buf[..n].iter().map(|b| format!("{b:02x}")).collect();
-                println!(
-                    "{}",
-                    json!({"packet": hex, "at": start.elapsed().as_millis() as u64})
-                );
+    // IPv6 too (ff02::fb on eth0), where the kernel gave eth0 an address.
+    let udp6 = std::fs::read_to_string("/sys/class/net/eth0/ifindex")
+        .ok()
+        .and_then(|i| i.trim().parse::<u32>().ok())
+        .and_then(|ifindex| {
+            let s6 =
+                socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None).ok()?;
+            s6.set_only_v6(true).ok()?;
+            s6.set_reuse_address(true).ok()?;
+            s6.set_reuse_port(true).ok()?;
+            s6.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 5353)).into())
+                .ok()?;
+            let u: UdpSocket = s6.into();
+            u.join_multicast_v6(&"ff02::fb".parse().ok()?, ifindex)
+                .ok()?;
+            u.set_read_timeout(Some(Duration::from_millis(200))).ok()?;
+            Some(u)
+        });
+    let capture = move |sock: UdpSocket, v6: bool| {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 9000];
+            while Instant::now() < until {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    let hex: String = buf[..n].iter().map(|b| format!("{b:02x}")).collect();
+                    println!(
+                        "{}",
+                        json!({"packet": hex, "v6": v6, "at": start.elapsed().as_millis() as u64})
+                    );
+                }
             }
-        }
-    });
+        })
+    };
+    let raw = capture(udp, false);
+    let raw6 = udp6.map(|u| capture(u, true));
     let daemon = ServiceDaemon::new().expect("mdns");
     let rx = daemon
         .browse(discovery::lan::record::SERVICE_TYPE)
@@ -78,4 +100,7 @@ fn main() {
     }
     let _ = daemon.shutdown();
     let _ = raw.join();
+    if let Some(r) = raw6 {
+        let _ = r.join();
+    }
 }
