@@ -16,6 +16,21 @@ fn setup() -> (RustDevice, PyPeer) {
     (r, p)
 }
 
+/// A session Rust started and python has answered (its session-completion
+/// message decrypted).
+fn established(v: Version) -> (RustDevice, PyPeer) {
+    let (mut r, mut p) = setup();
+    let first = r.encrypt(v, &mut p, Some("start"));
+    assert_eq!(
+        p.decrypt(v, RUST, &first)
+            .expect("python decrypts the first message")
+            .as_deref(),
+        Some("start")
+    );
+    r.drain(&mut p);
+    (r, p)
+}
+
 #[test]
 fn rust_starts_the_session_then_100_messages_each_way() {
     for v in Version::ALL {
@@ -119,10 +134,7 @@ fn python_starts_the_session_and_the_prekey_is_used_once() {
 #[test]
 fn out_of_order_delivery_and_skipped_keys_across_ratchet_steps() {
     for v in Version::ALL {
-        let (mut r, mut p) = setup();
-        let first = r.encrypt(v, &mut p, Some("start"));
-        p.decrypt(v, RUST, &first).expect("start");
-        r.drain(&mut p);
+        let (mut r, mut p) = established(v);
         // Python → Rust: chain 1 (3 messages), Rust answers (ratchet step), chain 2 (3 messages).
         let c1: Vec<String> = (0..3)
             .map(|i| p.encrypt(v, RUST, &format!("c1-{i}")))
@@ -170,10 +182,7 @@ fn out_of_order_delivery_and_skipped_keys_across_ratchet_steps() {
 #[test]
 fn sessions_are_rebuilt_after_either_side_loses_state() {
     for v in Version::ALL {
-        let (mut r, mut p) = setup();
-        let first = r.encrypt(v, &mut p, Some("one"));
-        p.decrypt(v, RUST, &first).expect("one");
-        r.drain(&mut p);
+        let (mut r, mut p) = established(v);
         let m = p.encrypt(v, RUST, "two");
         r.decrypt(&p, &m).expect("two");
 

@@ -77,6 +77,22 @@ impl Dev {
     }
 }
 
+/// `rounds` messages each way, a first then b, each decrypting to its text.
+fn converse(a: &mut Dev, b: &mut Dev, v: Version, rounds: usize) {
+    for i in 0..rounds {
+        let m = a.send(v, b, Some(&format!("a{i}")));
+        assert_eq!(
+            b.recv(a, &m).expect("a→b").as_deref(),
+            Some(format!("a{i}").as_str())
+        );
+        let m = b.send(v, a, Some(&format!("b{i}")));
+        assert_eq!(
+            a.recv(b, &m).expect("b→a").as_deref(),
+            Some(format!("b{i}").as_str())
+        );
+    }
+}
+
 fn pair() -> (Dev, Dev) {
     (Dev::new(1, "alice@a.onion"), Dev::new(2, "bob@b.onion"))
 }
@@ -95,18 +111,7 @@ fn first_message_then_conversation_in_both_versions() {
             device::PREKEY_TARGET - 1,
             "prekey used up"
         );
-        for i in 0..10 {
-            let m = b.send(v, &a, Some(&format!("b{i}")));
-            assert_eq!(
-                a.recv(&b, &m).expect("b→a").as_deref(),
-                Some(format!("b{i}").as_str())
-            );
-            let m = a.send(v, &b, Some(&format!("a{i}")));
-            assert_eq!(
-                b.recv(&a, &m).expect("a→b").as_deref(),
-                Some(format!("a{i}").as_str())
-            );
-        }
+        converse(&mut b, &mut a, v, 10);
         // Empty key-transport messages decrypt to nothing.
         let m = a.send(v, &b, None);
         assert_eq!(b.recv(&a, &m).expect("empty"), None);
@@ -194,18 +199,7 @@ fn simultaneous_initiation_converges() {
             a.recv(&b, &from_b).expect("a gets b").as_deref(),
             Some("from b")
         );
-        for i in 0..3 {
-            let m = a.send(v, &b, Some(&format!("a{i}")));
-            assert_eq!(
-                b.recv(&a, &m).expect("a→b").as_deref(),
-                Some(format!("a{i}").as_str())
-            );
-            let m = b.send(v, &a, Some(&format!("b{i}")));
-            assert_eq!(
-                a.recv(&b, &m).expect("b→a").as_deref(),
-                Some(format!("b{i}").as_str())
-            );
-        }
+        converse(&mut a, &mut b, v, 3);
     }
 }
 

@@ -300,6 +300,16 @@ impl Store {
     /// Our OMEMO device, created on first use; prekeys replenished and the
     /// signed prekey rotated when due.
     pub fn omemo_device(&self, now_s: u64) -> Result<OwnDevice, StoreError> {
+        // Usually nothing is due: a read, no write transaction (disk sync).
+        {
+            let rx = self.db.begin_read().ctx("read")?;
+            if let Ok(t) = rx.open_table(OMEMO)
+                && let Some(d) = self.own_device_in(&t)?
+                && !d.clone().maintain(now_s, &mut rand::rngs::OsRng)
+            {
+                return Ok(d);
+            }
+        }
         let tx = self.db.begin_write().ctx("write")?;
         let dev = {
             let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
