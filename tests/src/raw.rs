@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use transport::{Authenticated, DialError, PeerAddr, PeerId, SecretKey, TlsContext, Transport};
+use transport::{
+    Authenticated, DialError, GateKey, PeerAddr, PeerId, SecretKey, TlsContext, Transport,
+};
 
 const PREFACE_LEN: usize = 256;
 
@@ -32,21 +34,32 @@ impl RawPeer {
         RawPeer { key, tls }
     }
 
-    /// Dials over TCP or QUIC.
+    /// Dials over TCP or QUIC with the ticket a contact of `expected` makes.
     pub async fn dial(
         &self,
         addr: &PeerAddr,
         expected: PeerId,
     ) -> Result<Authenticated, DialError> {
+        let gate = GateKey::for_pair(&self.key, &expected).expect("gate key");
+        self.dial_with(addr, expected, &gate).await
+    }
+
+    /// Dials over TCP or QUIC with a ticket made from `gate`.
+    pub async fn dial_with(
+        &self,
+        addr: &PeerAddr,
+        expected: PeerId,
+        gate: &GateKey,
+    ) -> Result<Authenticated, DialError> {
         match addr {
             PeerAddr::Tcp(_) => {
                 transport::tcp::TcpTransport::new(self.tls.clone())
-                    .dial(addr, expected)
+                    .dial(addr, expected, gate)
                     .await
             }
             _ => {
                 transport::quic::QuicTransport::new(self.tls.clone())
-                    .dial(addr, expected)
+                    .dial(addr, expected, gate)
                     .await
             }
         }
@@ -57,7 +70,11 @@ impl RawPeer {
     pub async fn redeem(&self, uri: &str, port: u16) -> (RawConn, u8) {
         let inv = node::invite::Invite::parse(uri, node::ops::now_secs()).expect("invite");
         let addr = PeerAddr::Tcp(([127, 0, 0, 1], port).into());
-        let mut a = self.dial(&addr, inv.inviter).await.expect("dial");
+        let gate = GateKey::for_invite(&inv.secret);
+        let mut a = self
+            .dial_with(&addr, inv.inviter, &gate)
+            .await
+            .expect("dial");
         let proof = node::invite::redeem_proof(
             &inv.secret,
             &inv.inviter,

@@ -1,14 +1,16 @@
-//! Who may talk to a node: an unknown key is refused inside the TLS
-//! handshake on TCP and on QUIC, and not one byte from it reaches the XML
-//! parser. With an invite open, a stranger gets through TLS but no further
-//! than the fixed-size preface unless it proves the invite secret.
+//! Who may talk to a node: a dialer without a contact's (or an open
+//! invite's) gate ticket is refused in its ClientHello, before the node's
+//! certificate is sent, on TCP and on QUIC, and not one byte from it
+//! reaches the XML parser. Someone who holds an open invite gets through
+//! TLS but no further than the fixed-size preface unless it proves the
+//! invite secret.
 
 use std::time::Duration;
 
 use coterie_tests::raw::RawPeer;
 use coterie_tests::{NodeProc, running_pair, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use transport::PeerAddr;
+use transport::{GateKey, PeerAddr};
 
 fn stat(n: &NodeProc, k: &str) -> u64 {
     n.status()["stats"][k].as_u64().expect("stat")
@@ -46,37 +48,25 @@ async fn unknown_key_is_refused_in_the_handshake_on_tcp_and_quic() {
             settled.then_some(())
         },
     );
-    let refused_before = stat(&a, "tls_refused");
+    let refused_before = stat(&a, "gate_refused");
     let stranger = RawPeer::new();
     for addr in [
         PeerAddr::Tcp(([127, 0, 0, 1], a.port).into()),
         PeerAddr::Quic(([127, 0, 0, 1], a.port).into()),
     ] {
+        // The gate answers the ClientHello with an alert: the dial fails
+        // before the node's certificate (its identity) is ever sent.
         match stranger.dial(&addr, key).await {
             Err(e) => assert!(
                 e.to_string().contains("handshake") || e.to_string().contains("TLS"),
                 "{addr}: {e}"
             ),
-            Ok(mut conn) => {
-                // TLS 1.3: the client finishes before the server judges its key;
-                // the refusal then arrives as an alert on the first read.
-                let _ = conn.io.write_all(b"CTR1\x01").await;
-                let _ = conn
-                    .io
-                    .write_all(b"<?xml version='1.0'?><stream:stream xmlns='jabber:client'>")
-                    .await;
-                let mut buf = [0u8; 64];
-                let r = tokio::time::timeout(Duration::from_secs(5), conn.io.read(&mut buf)).await;
-                assert!(
-                    !matches!(r, Ok(Ok(n)) if n > 0),
-                    "{addr}: the stranger got data back"
-                );
-            }
+            Ok(_) => panic!("{addr}: a stranger completed a TLS handshake"),
         }
     }
-    // Both attempts were refused by the key policy, and nothing reached the parser.
+    // Both attempts were refused by the gate, and nothing reached the parser.
     wait_for("two refusals counted", Duration::from_secs(5), || {
-        (stat(&a, "tls_refused") >= refused_before + 2).then_some(())
+        (stat(&a, "gate_refused") >= refused_before + 2).then_some(())
     });
     assert_eq!(
         stat(&a, "xml_bytes_in"),
@@ -103,10 +93,19 @@ async fn with_an_open_invite_a_stranger_stops_at_the_preface() {
     let xml_before = stat(&a, "xml_bytes_in");
     let stranger = RawPeer::new();
     let addr = PeerAddr::Tcp(([127, 0, 0, 1], a.port).into());
+    let inv = node::invite::Invite::parse(&uri, node::ops::now_secs()).expect("invite");
+    let invite_gate = GateKey::for_invite(&inv.secret);
 
-    // 1. TLS passes (an invite is open) but a session preface from a non-contact is dropped.
+    // 0. Without the invite, an open invite does not open the gate.
+    assert!(
+        stranger.dial(&addr, key).await.is_err(),
+        "the gate let a stranger without the invite through"
+    );
+
+    // 1. TLS passes with the invite's ticket, but a session preface from a
+    //    non-contact is dropped.
     let mut c = stranger
-        .dial(&addr, key)
+        .dial_with(&addr, key, &invite_gate)
         .await
         .expect("TLS passes while an invite is open");
     let mut pre = b"CTR1\x01".to_vec();
@@ -120,9 +119,11 @@ async fn with_an_open_invite_a_stranger_stops_at_the_preface() {
         "connection should be closed: {r:?}"
     );
 
-    // 2. A redemption with a wrong proof (the secret is not known) is refused.
-    let mut c = stranger.dial(&addr, key).await.expect("dial");
-    let inv = node::invite::Invite::parse(&uri, node::ops::now_secs()).expect("invite");
+    // 2. A redemption with a wrong proof is refused.
+    let mut c = stranger
+        .dial_with(&addr, key, &invite_gate)
+        .await
+        .expect("dial");
     let mut pre = b"CTR1\x02".to_vec();
     pre.extend_from_slice(&inv.id);
     pre.extend_from_slice(&[7u8; 32]);
@@ -146,21 +147,9 @@ async fn with_an_open_invite_a_stranger_stops_at_the_preface() {
     );
     assert!(stat(&a, "prefaces_rejected") >= 2);
 
-    // 4. The invite is single-use: redeeming it again with another key fails in TLS
-    //    (no invite is open any more) or at the preface.
+    // 4. The invite is single-use: once redeemed its ticket no longer opens
+    //    the gate, for anyone.
     let other = RawPeer::new();
-    match other.dial(&addr, key).await {
-        Err(_) => {}
-        Ok(mut c) => {
-            let mut pre = b"CTR1\x02".to_vec();
-            pre.resize(256, 0);
-            let _ = c.io.write_all(&pre).await;
-            let mut ans = [0u8; 256];
-            let r = tokio::time::timeout(Duration::from_secs(5), c.io.read_exact(&mut ans)).await;
-            assert!(
-                !matches!(r, Ok(Ok(_)) if ans[0] == 0),
-                "a used invite was accepted again"
-            );
-        }
-    }
+    let r = other.dial_with(&addr, key, &invite_gate).await;
+    assert!(r.is_err(), "a used invite still opens the gate");
 }

@@ -20,6 +20,7 @@
 //! [`PeerPolicy`]. A refused key fails the handshake before any application
 //! data is read (see [`verifier`]).
 
+pub mod gate;
 pub mod identity;
 pub mod memory;
 pub mod quic;
@@ -35,6 +36,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub use gate::{GateKey, Refusal};
 pub use identity::{PeerId, PeerIdError, SecretKey};
 pub use tls::{TlsContext, TlsSetupError};
 pub use verifier::PeerPolicy;
@@ -170,11 +172,13 @@ pub enum DialError {
 pub trait Transport: Send + Sync + fmt::Debug {
     /// The carrier this transport dials.
     fn carrier(&self) -> Carrier;
-    /// Dials `addr`, which must answer with `expected`'s key.
+    /// Dials `addr`, which must answer with `expected`'s key; `gate` makes
+    /// the ticket that gets the dial past the listener's gate.
     fn dial<'a>(
         &'a self,
         addr: &'a PeerAddr,
         expected: PeerId,
+        gate: &'a GateKey,
     ) -> BoxFuture<'a, Result<Authenticated, DialError>>;
 }
 

@@ -14,6 +14,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Mutex, mpsc};
 
+use crate::GateKey;
 use crate::tls::EXPORTER_LABEL;
 use crate::{
     Authenticated, BoxFuture, Carrier, DialError, HANDSHAKE_TIMEOUT, PeerAddr, PeerId, PeerPolicy,
@@ -115,8 +116,9 @@ impl QuicTransport {
         &self,
         addr: SocketAddr,
         expected: PeerId,
+        gate: &GateKey,
     ) -> Result<Authenticated, DialError> {
-        let tls = self.tls.client_config(expected)?;
+        let tls = self.tls.client_config(expected, gate)?;
         let crypto = QuicClientConfig::try_from(tls)
             .map_err(|e| DialError::Handshake(format!("QUIC TLS config: {e}")))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -157,10 +159,11 @@ impl Transport for QuicTransport {
         &'a self,
         addr: &'a PeerAddr,
         expected: PeerId,
+        gate: &'a GateKey,
     ) -> BoxFuture<'a, Result<Authenticated, DialError>> {
         Box::pin(async move {
             match addr {
-                PeerAddr::Quic(a) => self.dial_inner(*a, expected).await,
+                PeerAddr::Quic(a) => self.dial_inner(*a, expected, gate).await,
                 other => Err(DialError::WrongCarrier(other.carrier())),
             }
         })

@@ -7,6 +7,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use crate::GateKey;
 use crate::tls::{EXPORTER_LABEL, placeholder_server_name};
 use crate::{
     Authenticated, BoxFuture, Carrier, DialError, HANDSHAKE_TIMEOUT, MAX_CONCURRENT_HANDSHAKES,
@@ -29,8 +30,9 @@ impl TcpTransport {
         &self,
         addr: SocketAddr,
         expected: PeerId,
+        gate: &GateKey,
     ) -> Result<Authenticated, DialError> {
-        let cfg = Arc::new(self.tls.client_config(expected)?);
+        let cfg = Arc::new(self.tls.client_config(expected, gate)?);
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(DialError::Unreachable)?;
@@ -67,10 +69,11 @@ impl Transport for TcpTransport {
         &'a self,
         addr: &'a PeerAddr,
         expected: PeerId,
+        gate: &'a GateKey,
     ) -> BoxFuture<'a, Result<Authenticated, DialError>> {
         Box::pin(async move {
             match addr {
-                PeerAddr::Tcp(a) => self.dial_inner(*a, expected).await,
+                PeerAddr::Tcp(a) => self.dial_inner(*a, expected, gate).await,
                 other => Err(DialError::WrongCarrier(other.carrier())),
             }
         })

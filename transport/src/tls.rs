@@ -10,10 +10,11 @@ use rustls::client::AlwaysResolvesClientRawPublicKeys;
 use rustls::crypto::CryptoProvider;
 use rustls::crypto::aws_lc_rs;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::{AlwaysResolvesServerRawPublicKeys, NoServerSessionStorage};
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig};
 
+use crate::gate::{Gate, GateKey, unix_now};
 use crate::verifier::{PeerPolicy, PinnedServer, PolicyClient};
 use crate::{PeerId, SecretKey};
 
@@ -36,6 +37,7 @@ pub struct TlsContext {
     provider: Arc<CryptoProvider>,
     key: Arc<CertifiedKey>,
     local: PeerId,
+    gate: Arc<Gate>,
 }
 
 impl std::fmt::Debug for TlsContext {
@@ -68,6 +70,7 @@ impl TlsContext {
             provider,
             key,
             local,
+            gate: Arc::new(Gate::default()),
         })
     }
 
@@ -76,8 +79,18 @@ impl TlsContext {
         self.local
     }
 
-    /// A client config that accepts exactly `expected` as the server.
-    pub fn client_config(&self, expected: PeerId) -> Result<ClientConfig, TlsSetupError> {
+    /// The gate shared by every listener made from this context.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// A client config that accepts exactly `expected` as the server and
+    /// carries a fresh ticket made with `gate` (see [`crate::gate`]).
+    pub fn client_config(
+        &self,
+        expected: PeerId,
+        gate: &GateKey,
+    ) -> Result<ClientConfig, TlsSetupError> {
         let verifier = PinnedServer {
             expected,
             algs: self.provider.signature_verification_algorithms,
@@ -89,7 +102,7 @@ impl TlsContext {
             .with_client_cert_resolver(Arc::new(AlwaysResolvesClientRawPublicKeys::new(
                 self.key.clone(),
             )));
-        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        cfg.alpn_protocols = vec![ALPN.to_vec(), gate.ticket(&expected, unix_now())];
         cfg.enable_sni = false;
         cfg.resumption = rustls::client::Resumption::disabled();
         Ok(cfg)
@@ -100,6 +113,12 @@ impl TlsContext {
         &self,
         policy: Arc<dyn PeerPolicy>,
     ) -> Result<ServerConfig, TlsSetupError> {
+        let resolver = GatedResolver {
+            key: self.key.clone(),
+            local: self.local,
+            gate: self.gate.clone(),
+            policy: policy.clone(),
+        };
         let verifier = PolicyClient {
             policy,
             algs: self.provider.signature_verification_algorithms,
@@ -107,13 +126,44 @@ impl TlsContext {
         let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(verifier))
-            .with_cert_resolver(Arc::new(AlwaysResolvesServerRawPublicKeys::new(
-                self.key.clone(),
-            )));
+            .with_cert_resolver(Arc::new(resolver));
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         cfg.session_storage = Arc::new(NoServerSessionStorage {});
         cfg.send_tls13_tickets = 0;
         Ok(cfg)
+    }
+}
+
+/// Shows the certificate only to a ClientHello with a valid ticket.
+struct GatedResolver {
+    key: Arc<CertifiedKey>,
+    local: PeerId,
+    gate: Arc<Gate>,
+    policy: Arc<dyn PeerPolicy>,
+}
+
+impl std::fmt::Debug for GatedResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatedResolver")
+    }
+}
+
+impl ResolvesServerCert for GatedResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let keys = self.policy.gate_keys();
+        let alpn = hello.alpn().into_iter().flatten();
+        match self.gate.check(alpn, &keys, &self.local, unix_now()) {
+            Ok(()) => Some(self.key.clone()),
+            Err(why) => {
+                tracing::debug!(?why, "gate refused a ClientHello; no certificate sent");
+                self.policy.gate_refused(why);
+                None
+            }
+        }
+    }
+
+    fn only_raw_public_keys(&self) -> bool {
+        true
     }
 }
 

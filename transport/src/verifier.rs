@@ -21,11 +21,17 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::PeerId;
+use crate::gate::{GateKey, Refusal};
 
 /// Decides which client keys a listener lets finish the TLS handshake.
 pub trait PeerPolicy: Send + Sync + fmt::Debug {
     /// Whether `peer` may complete a handshake with this node.
     fn admit(&self, peer: &PeerId) -> bool;
+    /// The keys a dialer's ticket may be made with: one per contact, one
+    /// per open invite (see [`crate::gate`]).
+    fn gate_keys(&self) -> Arc<[GateKey]>;
+    /// Told of every ClientHello the gate turned away.
+    fn gate_refused(&self, _why: Refusal) {}
 }
 
 fn peer_of(cert: &CertificateDer<'_>) -> Result<PeerId, rustls::Error> {

@@ -139,15 +139,6 @@ impl PairSecret {
         m
     }
 
-    /// A token both sides can compute for `period` and the node that
-    /// announced (`announcer`: us or the contact), never sent in a record:
-    /// the dialer can prove with it that it read this period's announcement.
-    pub fn token(&self, announcer: &PeerId, period: u64) -> [u8; 16] {
-        let mut t = [0u8; 16];
-        t.copy_from_slice(&self.prf(b"token", announcer, period, &[])[..16]);
-        t
-    }
-
     /// Our key (the announcer of the records we publish).
     pub fn me(&self) -> &PeerId {
         &self.me
@@ -409,15 +400,6 @@ mod tests {
         );
         // Order and duplicates do not matter.
         assert_eq!(read(&recs[0], &[IPS[0], IPS[0]], &s, 7).len(), 1);
-    }
-
-    #[test]
-    fn both_sides_compute_the_same_token() {
-        let (a, b) = (key(1), key(2));
-        let sa = PairSecret::new(&a, &b.peer_id()).expect("a");
-        let sb = PairSecret::new(&b, &a.peer_id()).expect("b");
-        assert_eq!(sa.token(&a.peer_id(), 3), sb.token(&a.peer_id(), 3));
-        assert_ne!(sa.token(&a.peer_id(), 3), sa.token(&b.peer_id(), 3));
     }
 
     #[test]

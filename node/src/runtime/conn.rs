@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use transport::{Authenticated, PeerAddr, PeerId};
+use transport::{Authenticated, GateKey, PeerAddr, PeerId};
 
 use super::{ConnEntry, NodeEvent, Shared, db};
 use crate::invite::{check_proof, redeem_proof, valid_name};
@@ -312,7 +312,7 @@ async fn dialer(shared: Arc<Shared>, contact: u64) {
     }
 }
 
-/// Whether an error means the peer refused our key in the TLS handshake (as
+/// Whether an error means the peer refused our ticket or key in the TLS handshake (as
 /// opposed to being unreachable). TLS 1.3 reports a refused client key only
 /// after the client's handshake completes, so this shows up on the first read.
 fn refused_by_peer(msg: &str) -> bool {
@@ -320,6 +320,7 @@ fn refused_by_peer(msg: &str) -> bool {
     m.contains("alert")
         || m.contains("cryptographic handshake failed")
         || m.contains("refused our key")
+        || m.contains("refused our ticket")
 }
 
 async fn mark_refused(shared: &Arc<Shared>, id: u64, reason: &str) -> Result<(), String> {
@@ -383,6 +384,10 @@ async fn dial_once(
     found_new: &tokio::sync::Notify,
 ) -> Result<(), DialEnd> {
     let peer = PeerId::from_bytes(c.peer).map_err(|e| e.to_string())?;
+    let gate = match &c.state {
+        ContactState::Redeeming { secret, .. } => GateKey::for_invite(secret),
+        _ => GateKey::for_pair(&shared.key, &peer).ok_or("the contact's key is not usable")?,
+    };
     let mut last = String::from("no usable address");
     for addr in addrs {
         let Some(t) = shared
@@ -393,7 +398,7 @@ async fn dial_once(
             continue;
         };
         let connected = tokio::select! {
-            r = t.dial(addr, peer) => r,
+            r = t.dial(addr, peer, &gate) => r,
             () = found_new.notified() => return Err(DialEnd::FreshAddresses),
         };
         match connected {

@@ -144,6 +144,8 @@ pub struct StatusView {
 pub struct StatsView {
     /// TLS handshakes refused because the client key is not admitted.
     pub tls_refused: u64,
+    /// ClientHellos turned away by the gate (no certificate shown).
+    pub gate_refused: u64,
     /// Connections closed at the preface.
     pub prefaces_rejected: u64,
     /// Bytes handed to the XML parser.
@@ -338,6 +340,7 @@ pub(crate) fn status(shared: &Arc<Shared>) -> StatusView {
             let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
             StatsView {
                 tls_refused: g(&st.tls_refused),
+                gate_refused: g(&st.gate_refused),
                 prefaces_rejected: g(&st.prefaces_rejected),
                 xml_bytes_in: g(&st.xml_bytes_in),
                 stream_faults: g(&st.stream_faults),

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, watch};
 use transport::memory::MemoryNetwork;
-use transport::{Carrier, PeerAddr, PeerId, PeerPolicy, SecretKey, TlsContext, Transport};
+use transport::{Carrier, GateKey, PeerAddr, PeerId, PeerPolicy, SecretKey, TlsContext, Transport};
 
 use crate::store::{ContactState, Store};
 use crate::stream::parser::Limits;
@@ -138,6 +138,9 @@ pub enum NodeEvent {
 pub(crate) struct Stats {
     /// TLS handshakes refused because the client key is not admitted.
     pub(crate) tls_refused: AtomicU64,
+    /// ClientHellos the gate turned away (no, forged, stale or replayed
+    /// ticket): no certificate was shown.
+    pub(crate) gate_refused: AtomicU64,
     /// Connections closed at the preface (bad magic, non-contact, bad proof).
     pub(crate) prefaces_rejected: AtomicU64,
     /// Bytes handed to the XML parser, all sessions.
@@ -159,6 +162,10 @@ pub(crate) struct Shared {
     /// peer key → contact id, for the TLS policy.
     pub(crate) contacts: RwLock<HashMap<PeerId, u64>>,
     pub(crate) open_invites: AtomicBool,
+    /// Keys a dialer's gate ticket may be made with: contacts and open invites.
+    pub(crate) gate_keys: RwLock<Arc<[GateKey]>>,
+    /// The identity key, for the gate keys of dials.
+    pub(crate) key: SecretKey,
     pub(crate) conns: Mutex<HashMap<u64, ConnEntry>>,
     pub(crate) session_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) kicks: Mutex<HashMap<u64, Arc<Notify>>>,
@@ -192,6 +199,22 @@ impl PeerPolicy for Policy {
             s.stats.tls_refused.fetch_add(1, Ordering::Relaxed);
         }
         ok
+    }
+
+    fn gate_keys(&self) -> Arc<[GateKey]> {
+        let Some(s) = self.0.upgrade() else {
+            return Arc::new([]);
+        };
+        s.gate_keys
+            .read()
+            .map(|k| k.clone())
+            .unwrap_or_else(|_| Arc::new([]))
+    }
+
+    fn gate_refused(&self, _why: transport::Refusal) {
+        if let Some(s) = self.0.upgrade() {
+            s.stats.gate_refused.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -260,16 +283,25 @@ impl Shared {
         let store = self.store.clone();
         let res = db(&store, move |s| -> Result<_, crate::store::StoreError> {
             let contacts = s.contacts()?;
-            let open = s.has_open_invites(now)?;
-            Ok((contacts, open))
+            let invites = s.open_invite_secrets(now)?;
+            Ok((contacts, invites))
         })
         .await;
-        if let Ok(Ok((contacts, open))) = res {
+        if let Ok(Ok((contacts, invites))) = res {
             let map: HashMap<PeerId, u64> = contacts
                 .iter()
                 .filter(|c| !matches!(c.state, ContactState::Refused { .. }))
                 .filter_map(|c| PeerId::from_bytes(c.peer).ok().map(|p| (p, c.id)))
                 .collect();
+            let open = !invites.is_empty();
+            let keys: Vec<GateKey> = map
+                .keys()
+                .filter_map(|p| GateKey::for_pair(&self.key, p))
+                .chain(invites.iter().map(|i| GateKey::for_invite(i)))
+                .collect();
+            if let Ok(mut k) = self.gate_keys.write() {
+                *k = keys.into();
+            }
             if let Some(d) = &self.cfg.discovery {
                 let peers: Vec<PeerId> = map.keys().copied().collect();
                 d.set_contacts(&peers);
@@ -327,6 +359,8 @@ impl Node {
             cfg: cfg.clone(),
             contacts: RwLock::new(HashMap::new()),
             open_invites: AtomicBool::new(false),
+            gate_keys: RwLock::new(Arc::new([])),
+            key: key.clone(),
             conns: Mutex::new(HashMap::new()),
             session_locks: Mutex::new(HashMap::new()),
             kicks: Mutex::new(HashMap::new()),

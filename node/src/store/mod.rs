@@ -430,16 +430,25 @@ impl Store {
 
     /// Whether any issued invite is still redeemable at `now`.
     pub fn has_open_invites(&self, now: u64) -> Result<bool, StoreError> {
+        Ok(!self.open_invite_secrets(now)?.is_empty())
+    }
+
+    /// The secrets of the invites still redeemable at `now`.
+    pub fn open_invite_secrets(
+        &self,
+        now: u64,
+    ) -> Result<Vec<zeroize::Zeroizing<[u8; 32]>>, StoreError> {
         let rx = self.db.begin_read().ctx("read")?;
         let t = rx.open_table(INVITES).ctx("open invites")?;
+        let mut out = Vec::new();
         for row in t.iter().ctx("list invites")? {
             let (k, v) = row.ctx("list invites")?;
             let inv: IssuedInvite = self.open_json("invites", &k64(k.value()), v.value())?;
             if !inv.used && inv.expires > now {
-                return Ok(true);
+                out.push(zeroize::Zeroizing::new(inv.secret));
             }
         }
-        Ok(false)
+        Ok(out)
     }
 
     /// Redeems an invite: checks it, marks it used and adds the new contact,

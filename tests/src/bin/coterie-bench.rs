@@ -180,15 +180,19 @@ async fn rtt(n: usize) {
 }
 
 async fn raw_rustls(n: usize) -> f64 {
-    use transport::{PeerAddr, PeerPolicy, SecretKey, TlsContext, Transport};
+    use transport::{GateKey, PeerAddr, PeerPolicy, SecretKey, TlsContext, Transport};
     #[derive(Debug)]
-    struct Any;
+    struct Any(Arc<[GateKey]>);
     impl PeerPolicy for Any {
         fn admit(&self, _: &transport::PeerId) -> bool {
             true
         }
+        fn gate_keys(&self) -> Arc<[GateKey]> {
+            self.0.clone()
+        }
     }
     let (ks, kc) = (SecretKey::generate(), SecretKey::generate());
+    let gate = GateKey::for_pair(&kc, &ks.peer_id()).expect("gate key");
     let (ts, tc) = (
         TlsContext::new(&ks).expect("tls"),
         TlsContext::new(&kc).expect("tls"),
@@ -198,9 +202,10 @@ async fn raw_rustls(n: usize) -> f64 {
         .expect("bind");
     let addr = l.local_addr().expect("addr");
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-    tokio::spawn(transport::tcp::serve(l, ts, Arc::new(Any), tx));
+    let policy = Any(vec![gate.clone()].into());
+    tokio::spawn(transport::tcp::serve(l, ts, Arc::new(policy), tx));
     let mut c = transport::tcp::TcpTransport::new(tc)
-        .dial(&PeerAddr::Tcp(addr), ks.peer_id())
+        .dial(&PeerAddr::Tcp(addr), ks.peer_id(), &gate)
         .await
         .expect("dial");
     let mut s = rx.recv().await.expect("accept");
