@@ -64,7 +64,8 @@ enum Cmd {
     /// Run the node in the foreground.
     Run {
         /// Listen on ADDR (TCP and QUIC). Repeatable. Default 127.0.0.1:7474.
-        #[arg(long = "listen", value_name = "ADDR")]
+        /// An IPv6 link-local address needs its interface: [fe80::1%wlan0]:7474.
+        #[arg(long = "listen", value_name = "ADDR", value_parser = listen_addr)]
         listen: Vec<SocketAddr>,
         /// Announce ADDR (tcp:IP:PORT or quic:IP:PORT) instead of the listen addresses. Repeatable.
         #[arg(long = "advertise", value_name = "ADDR")]
@@ -694,6 +695,14 @@ fn start(dir: &Path, out: &Out) -> Result<(), Fail> {
         run(Cmd::Init { name }, dir, out)?;
     }
     run_node(dir, Vec::new(), Vec::new(), None, out)
+}
+
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    transport::parse_socket_addr(s).ok_or_else(|| {
+        format!(
+            "`{s}` is not IP:PORT (e.g. 192.168.1.5:7474, or [fe80::1%wlan0]:7474 for an IPv6 link-local address on an existing interface)"
+        )
+    })
 }
 
 fn run_node(

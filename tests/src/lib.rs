@@ -188,7 +188,7 @@ impl NodeProc {
             Some(h) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", &h.ns]).arg(coterie_bin());
-                (c, h.ip.to_string())
+                (c, h.listen_host())
             }
             None => (Command::new(coterie_bin()), "127.0.0.1".to_string()),
         };

@@ -3,12 +3,15 @@
 //! drops, also when a test panics. mDNS in tests runs only in these.
 //!
 //! ```text
-//!  <p>h0 (eth0 10.213.X.2) ─┐
-//!  <p>h1 (eth0 10.213.X.3) ─┼─ br0 in <p>br
-//!  …                        ┘
+//!  <p>h0 (eth0 10.213.X.2, fe80::c7:2) ─┐
+//!  <p>h1 (eth0 10.213.X.3, fe80::c7:3) ─┼─ br0 in <p>br
+//!  …                                     ┘
 //! ```
+//!
+//! Every host has a fixed IPv6 link-local address (no kernel-generated one,
+//! no duplicate address detection delay); [`Lan::v6_only`] leaves IPv4 out.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 
 /// One host of the test LAN.
@@ -16,8 +19,34 @@ use std::process::Command;
 pub struct Host {
     /// Its namespace.
     pub ns: String,
-    /// Its address.
+    /// Its IPv4 address (unspecified on an IPv6-only LAN).
     pub ip: Ipv4Addr,
+    /// Its IPv6 link-local address, on `eth0`.
+    pub ip6: Ipv6Addr,
+    /// Whether the LAN has no IPv4.
+    pub v6_only: bool,
+}
+
+impl Host {
+    /// The address a node on this host listens on: IPv4, or the link-local
+    /// IPv6 address with its interface on an IPv6-only LAN.
+    pub fn listen_host(&self) -> String {
+        if self.v6_only {
+            format!("[{}%eth0]", self.ip6)
+        } else {
+            self.ip.to_string()
+        }
+    }
+
+    /// Replaces the host's link-local address with `new` (an interface
+    /// whose address changed).
+    pub fn renumber_v6(&mut self, new: Ipv6Addr) {
+        let old = format!("{}/64", self.ip6);
+        ip(&["-n", &self.ns, "addr", "del", &old, "dev", "eth0"]).expect("remove address");
+        let add = format!("{new}/64");
+        ip(&["-n", &self.ns, "addr", "add", &add, "dev", "eth0", "nodad"]).expect("add address");
+        self.ip6 = new;
+    }
 }
 
 /// A test LAN of namespaced hosts.
@@ -48,6 +77,15 @@ impl Lan {
     /// A LAN of `n` hosts. Needs root (CI runs as root); fails with a clear
     /// message otherwise.
     pub fn new(n: usize) -> Lan {
+        Lan::build(n, false)
+    }
+
+    /// A LAN of `n` hosts with IPv6 link-local addresses only.
+    pub fn v6_only(n: usize) -> Lan {
+        Lan::build(n, true)
+    }
+
+    fn build(n: usize, v6_only: bool) -> Lan {
         assert!(
             (1..=200).contains(&n),
             "a test LAN has between 1 and 200 hosts"
@@ -97,19 +135,33 @@ impl Lan {
                     "br0",
                     "up",
                 ])?;
-                let addr = Ipv4Addr::new(10, 213, subnet, 2 + i as u8);
+                let addr = if v6_only {
+                    Ipv4Addr::UNSPECIFIED
+                } else {
+                    let a = Ipv4Addr::new(10, 213, subnet, 2 + i as u8);
+                    ip(&["-n", &ns, "addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
+                    a
+                };
+                let ip6 = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0xc7, 2 + i as u16);
+                ip(&["-n", &ns, "link", "set", "eth0", "addrgenmode", "none"])?;
                 ip(&[
                     "-n",
                     &ns,
                     "addr",
                     "add",
-                    &format!("{addr}/24"),
+                    &format!("{ip6}/64"),
                     "dev",
                     "eth0",
+                    "nodad",
                 ])?;
                 ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
                 ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-                hosts.push(Host { ns, ip: addr });
+                hosts.push(Host {
+                    ns,
+                    ip: addr,
+                    ip6,
+                    v6_only,
+                });
             }
             Ok(hosts)
         };

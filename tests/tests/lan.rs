@@ -349,3 +349,52 @@ fn a_flood_of_hostile_mdns_neither_stops_contacts_nor_grows_memory_without_bound
         n.stop();
     }
 }
+
+/// IPv6 link-local only (no IPv4 on the LAN): contacts meet, and find each
+/// other again after one host's interface changed its address and both
+/// nodes restarted on new ports.
+#[test]
+fn contacts_meet_over_ipv6_link_local_and_follow_an_address_change() {
+    let mut lan = Lan::v6_only(2);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let names = ["alice_v6", "bob_v6"];
+    let mut nodes: Vec<NodeProc> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let mut p = NodeProc::init(tmp.path(), n);
+            p.netns = Some(lan.hosts[i].clone());
+            p
+        })
+        .collect();
+    let lan_args = ["--lan", "--lan-period", PERIOD];
+    for n in nodes.iter_mut() {
+        n.start_with(&lan_args);
+    }
+    introduce(&nodes[0], &nodes[1]);
+    for n in nodes.iter_mut() {
+        n.stop();
+        n.port = free_port();
+    }
+    // Bob's interface gets another address: nothing stored about him is valid.
+    lan.hosts[1].renumber_v6("fe80::c7:99".parse().expect("ip"));
+    nodes[1].netns = Some(lan.hosts[1].clone());
+    let queued = nodes[1].cli(&["send", names[0], "over link-local"]);
+    assert_eq!(queued.code, 0, "queue while stopped: {}", queued.stderr);
+    let t0 = Instant::now();
+    for n in nodes.iter_mut() {
+        n.start_with(&lan_args);
+    }
+    wait_for(
+        "alice and bob reconnected over IPv6 link-local",
+        Duration::from_secs(20),
+        || (nodes[0].connected_to(names[1]) && nodes[1].connected_to(names[0])).then_some(()),
+    );
+    eprintln!("reconnected {:?} after the nodes started", t0.elapsed());
+    wait_for("the queued message", Duration::from_secs(10), || {
+        coterie_tests::texts(&nodes[0], names[1])
+            .iter()
+            .any(|(_, t, _)| t == "over link-local")
+            .then_some(())
+    });
+}

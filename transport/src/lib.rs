@@ -116,12 +116,57 @@ impl FromStr for PeerAddr {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (scheme, rest) = s.split_once(':').ok_or(BadPeerAddr)?;
         match scheme {
-            "tcp" => rest.parse().map(PeerAddr::Tcp).map_err(|_| BadPeerAddr),
-            "quic" => rest.parse().map(PeerAddr::Quic).map_err(|_| BadPeerAddr),
+            "tcp" => parse_socket_addr(rest)
+                .map(PeerAddr::Tcp)
+                .ok_or(BadPeerAddr),
+            "quic" => parse_socket_addr(rest)
+                .map(PeerAddr::Quic)
+                .ok_or(BadPeerAddr),
             "mem" if !rest.is_empty() && rest.len() <= 64 => Ok(PeerAddr::Memory(rest.to_string())),
             _ => Err(BadPeerAddr),
         }
     }
+}
+
+/// Parses `IP:PORT`, including an IPv6 address with a zone
+/// (`[fe80::1%eth0]:7474` or `[fe80::1%2]:7474`), which the standard
+/// parser refuses. A link-local address means nothing without its
+/// interface; the zone is the interface's index or name (looked up on
+/// Linux in `/sys/class/net`).
+pub fn parse_socket_addr(s: &str) -> Option<SocketAddr> {
+    if let Ok(a) = s.parse() {
+        return Some(a);
+    }
+    let inner = s.strip_prefix('[')?;
+    let (host, port) = inner.split_once("]:")?;
+    let (ip, zone) = host.split_once('%')?;
+    let ip: std::net::Ipv6Addr = ip.parse().ok()?;
+    let port: u16 = port.parse().ok()?;
+    let scope = match zone.parse::<u32>() {
+        Ok(n) => n,
+        Err(_) => interface_index(zone)?,
+    };
+    Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+        ip, port, 0, scope,
+    )))
+}
+
+/// The index of the network interface `name`, if it exists.
+pub fn interface_index(name: &str) -> Option<u32> {
+    let plausible = !name.is_empty()
+        && name.len() <= 15
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+    if !plausible {
+        return None;
+    }
+    std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// A stream whose other end proved it holds `peer`'s key.
@@ -203,6 +248,28 @@ mod tests {
         }
         for bad in ["", "tcp:", "udp:1.2.3.4:5", "tcp:host:5", "mem:"] {
             assert_eq!(bad.parse::<PeerAddr>(), Err(BadPeerAddr), "{bad}");
+        }
+    }
+
+    #[test]
+    fn link_local_addresses_keep_their_zone() {
+        let a: PeerAddr = "tcp:[fe80::1%3]:5000".parse().expect("numeric zone");
+        let PeerAddr::Tcp(SocketAddr::V6(v6)) = a else {
+            panic!("{a}")
+        };
+        assert_eq!((v6.scope_id(), v6.port()), (3, 5000));
+        assert_eq!(a.to_string(), "tcp:[fe80::1%3]:5000");
+        assert_eq!(a.to_string().parse::<PeerAddr>(), Ok(a));
+        let lo = parse_socket_addr("[fe80::1%lo]:7").expect("interface name");
+        assert!(matches!(lo, SocketAddr::V6(v) if v.scope_id() > 0));
+        for bad in [
+            "[fe80::1%no-such-if0]:7",
+            "[fe80::1%../../etc]:7",
+            "[fe80::1%]:7",
+            "[1.2.3.4%1]:7",
+            "fe80::1%1:7",
+        ] {
+            assert_eq!(parse_socket_addr(bad), None, "{bad}");
         }
     }
 
