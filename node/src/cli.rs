@@ -76,6 +76,15 @@ enum Cmd {
         /// Seconds before LAN records change names and contents.
         #[arg(long, value_name = "SECS", default_value_t = 600)]
         lan_period: u64,
+        /// DANGEROUS: also announce yourself with a plain XEP-0174 record
+        /// (your name in the clear) and chat in CLEARTEXT with classic
+        /// link-local clients (Pidgin/finch "Bonjour"). Those chats are not
+        /// encrypted or authenticated; they are marked cleartext.
+        #[arg(long = "danger-xep0174-compat")]
+        danger_xep0174_compat: bool,
+        /// The plain XMPP port of the compatibility mode.
+        #[arg(long, value_name = "PORT", default_value_t = coterie_node::runtime::compat::DEFAULT_PORT, requires = "danger_xep0174_compat")]
+        compat_port: u16,
     },
     /// Send a message (queued durably if the contact is offline).
     Send {
@@ -441,12 +450,17 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                         .as_ref()
                         .map(|t| format!(" via {t}"))
                         .unwrap_or_default();
+                    let key = if c.cleartext {
+                        format!(
+                            "CLEARTEXT: classic XEP-0174 client {}, not encrypted",
+                            c.jid
+                        )
+                    } else {
+                        c.fingerprint.chars().take(19).collect()
+                    };
                     println!(
-                        "{:<20} {:<10}{via}{seen}  [{}]  queued {}",
-                        c.name,
-                        c.state,
-                        &c.fingerprint[..19],
-                        c.queued
+                        "{:<20} {:<10}{via}{seen}  [{key}]  queued {}",
+                        c.name, c.state, c.queued
                     );
                 }
             }
@@ -494,6 +508,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                     let body = match &m.undecryptable {
                         Some(why) => format!("[could not be decrypted: {why}]"),
                         None if m.unverified => format!("[unverified device] {}", m.body),
+                        None if m.cleartext => format!("[cleartext] {}", m.body),
                         None => m.body.clone(),
                     };
                     println!("{} {arrow} {:<9} {body}", fmt_time(m.ts), m.state);
@@ -633,6 +648,8 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
             advertise,
             lan,
             lan_period,
+            danger_xep0174_compat,
+            compat_port,
         } => {
             if lan_period < 10 {
                 return Err(fail(2, "--lan-period must be at least 10 seconds"));
@@ -640,7 +657,14 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
             let lan = lan.then_some(coterie_node::runtime::LanSettings {
                 period_secs: lan_period,
             });
-            run_node(dir, listen, advertise, lan, out)
+            let compat = danger_xep0174_compat
+                .then_some(coterie_node::runtime::CompatSettings { port: compat_port });
+            if compat.is_some() {
+                eprintln!(
+                    "DANGER: XEP-0174 compatibility mode. Your name is announced on the LAN in the clear, and chats with classic clients are NOT encrypted: anyone on the network can read them and pretend to be them. They are marked [cleartext]."
+                );
+            }
+            run_node(dir, listen, advertise, lan, compat, out)
         }
         Cmd::Wipe { yes } => {
             if !Store::exists(dir) {
@@ -694,7 +718,7 @@ fn start(dir: &Path, out: &Out) -> Result<(), Fail> {
         };
         run(Cmd::Init { name }, dir, out)?;
     }
-    run_node(dir, Vec::new(), Vec::new(), None, out)
+    run_node(dir, Vec::new(), Vec::new(), None, None, out)
 }
 
 fn listen_addr(s: &str) -> Result<SocketAddr, String> {
@@ -710,6 +734,7 @@ fn run_node(
     mut listen: Vec<SocketAddr>,
     advertise: Vec<String>,
     lan: Option<coterie_node::runtime::LanSettings>,
+    compat: Option<coterie_node::runtime::CompatSettings>,
     out: &Out,
 ) -> Result<(), Fail> {
     if listen.is_empty() {
@@ -735,12 +760,13 @@ fn run_node(
     let store = open(dir)?;
     let rt = runtime()?;
     rt.block_on(async {
-        let cfg = NodeConfig { listen, advertise, control_socket: true, lan, ..Default::default() };
+        let cfg = NodeConfig { listen, advertise, control_socket: true, lan, compat, ..Default::default() };
         let mut node = Node::start(store, cfg).await.map_err(|e| {
             let code = match e {
                 coterie_node::runtime::StartError::Bind { .. } => 8,
                 coterie_node::runtime::StartError::Control { .. } => 7,
                 coterie_node::runtime::StartError::Lan(_) => 8,
+                coterie_node::runtime::StartError::Compat(_) => 8,
                 _ => 1,
             };
             fail(code, e.to_string())

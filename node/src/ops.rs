@@ -80,6 +80,9 @@ pub struct ContactView {
     pub last_seen: Option<u64>,
     /// Stanzas waiting for their ack.
     pub queued: u64,
+    /// A classic XEP-0174 client: chats with it are not encrypted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cleartext: bool,
 }
 
 /// A message, for `coterie history`.
@@ -101,6 +104,9 @@ pub struct MessageView {
     /// Incoming: could not be decrypted, and why (the body is empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub undecryptable: Option<String>,
+    /// Sent or received in the clear (a classic XEP-0174 contact).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cleartext: bool,
 }
 
 /// An OMEMO device, for `coterie fingerprints`.
@@ -141,6 +147,7 @@ impl From<&Message> for MessageView {
             state: m.state.as_str().into(),
             unverified: m.unverified,
             undecryptable: m.undecryptable.clone(),
+            cleartext: false,
         }
     }
 }
@@ -255,6 +262,23 @@ pub type Live<'a> = Option<&'a str>;
 
 /// A contact as shown to the user; `live` is the carrier of a live session.
 pub fn view(store: &Store, c: &Contact, live: Live<'_>) -> Result<ContactView, OpError> {
+    if let ContactState::Cleartext { instance } = &c.state {
+        return Ok(ContactView {
+            name: c.name.clone(),
+            jid: instance.clone(),
+            fingerprint: String::new(),
+            state: if live.is_some() {
+                "connected"
+            } else {
+                "offline"
+            }
+            .into(),
+            transport: live.map(str::to_string).or_else(|| c.last_carrier.clone()),
+            last_seen: c.last_seen,
+            queued: store.outbox_len(c.id)?,
+            cleartext: true,
+        });
+    }
     let peer = PeerId::from_bytes(c.peer).map_err(|e| OpError::Usage(e.to_string()))?;
     let state = match (&c.state, live) {
         (ContactState::Redeeming { .. }, _) => "pending",
@@ -270,6 +294,7 @@ pub fn view(store: &Store, c: &Contact, live: Live<'_>) -> Result<ContactView, O
         transport: live.map(str::to_string).or_else(|| c.last_carrier.clone()),
         last_seen: c.last_seen,
         queued: store.outbox_len(c.id)?,
+        cleartext: false,
     })
 }
 
@@ -337,6 +362,14 @@ pub fn send(
         ));
     }
     let c = find_contact(store, sel)?;
+    if matches!(c.state, ContactState::Cleartext { .. }) {
+        // The user chose the dangerous compatibility mode for this peer; the
+        // message is marked cleartext in `history`.
+        let m = store.queue_outgoing(c.id, text, now_ms)?;
+        let mut v = MessageView::from(&m);
+        v.cleartext = true;
+        return Ok((c, v));
+    }
     // With a running node the message is encrypted as it is queued; the
     // CLI without a node leaves that to the node's first send.
     let m = match omemo.and_then(|o| o.ctx(c.peer)) {
@@ -349,11 +382,25 @@ pub fn send(
 /// `coterie history`
 pub fn history(store: &Store, sel: &str, limit: usize) -> Result<Vec<MessageView>, OpError> {
     let c = find_contact(store, sel)?;
+    let cleartext = matches!(c.state, ContactState::Cleartext { .. });
     Ok(store
         .history(c.id, limit.clamp(1, 1_000_000))?
         .iter()
-        .map(MessageView::from)
+        .map(|m| MessageView {
+            cleartext,
+            ..MessageView::from(m)
+        })
         .collect())
+}
+
+fn no_keys(c: &Contact) -> Result<(), OpError> {
+    match c.state {
+        ContactState::Cleartext { .. } => Err(OpError::Usage(format!(
+            "{} is a classic XEP-0174 client: it has no keys to list or verify, and chats with it are cleartext",
+            c.name
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn device_view(d: &crate::store::DeviceRecord) -> DeviceView {
@@ -368,6 +415,7 @@ fn device_view(d: &crate::store::DeviceRecord) -> DeviceView {
 /// `coterie fingerprints CONTACT`
 pub fn fingerprints(store: &Store, sel: &str) -> Result<FingerprintsView, OpError> {
     let c = find_contact(store, sel)?;
+    no_keys(&c)?;
     let p = store.omemo_peer(c.id)?;
     let own = store.omemo_device(now_secs())?;
     let seed = store.profile()?.seed;
@@ -391,6 +439,7 @@ pub fn fingerprints(store: &Store, sel: &str) -> Result<FingerprintsView, OpErro
 /// fingerprint with the contact; messages are encrypted to it from now on.
 pub fn verify(store: &Store, sel: &str, device: u32) -> Result<DeviceView, OpError> {
     let c = find_contact(store, sel)?;
+    no_keys(&c)?;
     if !store.omemo_verify(c.id, device)? {
         return Err(OpError::Usage(format!(
             "{} has no device {device}; `coterie fingerprints {}` lists them",

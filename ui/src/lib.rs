@@ -161,6 +161,7 @@ mod tests {
             transport: None,
             last_seen: None,
             queued: 0,
+            cleartext: false,
         }
     }
 
@@ -173,6 +174,7 @@ mod tests {
             state: state.into(),
             unverified: false,
             undecryptable: None,
+            cleartext: false,
         }
     }
 

@@ -6,3 +6,4 @@
 
 pub mod mdns;
 pub mod record;
+pub mod xep0174;

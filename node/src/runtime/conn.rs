@@ -277,7 +277,11 @@ async fn dialer(shared: Arc<Shared>, contact: u64) {
                 tokio::time::sleep(backoff).await;
                 continue;
             };
-            if matches!(c.state, ContactState::Refused { .. }) {
+            if matches!(
+                c.state,
+                ContactState::Refused { .. } | ContactState::Cleartext { .. }
+            ) {
+                // Refused: nothing to do. Cleartext: the compat module talks to it.
                 return;
             }
             let known: Vec<PeerAddr> = c.addrs.iter().filter_map(|a| a.parse().ok()).collect();
@@ -453,6 +457,9 @@ async fn dial_once(
                         a.io.write_all(&pre).await.map_err(|e| e.to_string())?;
                     }
                     ContactState::Refused { .. } => return Err("invite was refused".into()),
+                    ContactState::Cleartext { .. } => {
+                        return Err("a classic XEP-0174 contact is never dialled with TLS".into());
+                    }
                 }
                 run_session(shared.clone(), a, Role::Initiator, shared.me, c.id).await;
                 return Ok(());

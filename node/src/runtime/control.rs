@@ -295,7 +295,16 @@ async fn contacts(shared: &Arc<Shared>) -> Result<Vec<ContactView>, OpError> {
     let all = db(&shared.store, |s| s.contacts()).await??;
     let mut out = Vec::new();
     for c in all {
-        let live = shared.live_carrier(c.id).map(|c| c.to_string());
+        let live = shared
+            .live_carrier(c.id)
+            .map(|c| c.to_string())
+            .or_else(|| {
+                shared
+                    .compat
+                    .get()
+                    .filter(|x| x.is_live(c.id))
+                    .map(|_| "xep0174".to_string())
+            });
         let store = shared.store.clone();
         out.push(db(&store, move |s| ops::view(s, &c, live.as_deref())).await??);
     }

@@ -11,6 +11,7 @@
 //!  control socket (0600) ──▶ ops on the store, kicks the session task
 //! ```
 
+pub mod compat;
 mod conn;
 pub mod control;
 
@@ -53,7 +54,12 @@ pub struct NodeConfig {
     /// records (used when `discovery` is not set). Multicasts on every
     /// interface of the network namespace.
     pub lan: Option<discovery::lan::mdns::LanConfig>,
+    /// **Dangerous**: plain XEP-0174 presence and cleartext streams with
+    /// classic link-local clients. Off unless the user asks.
+    pub compat: Option<CompatSettings>,
 }
+
+pub use compat::{CompatError, CompatSettings};
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +83,9 @@ pub enum StartError {
     /// LAN discovery could not start.
     #[error("cannot start LAN discovery: {0}")]
     Lan(String),
+    /// The XEP-0174 compatibility mode could not start.
+    #[error(transparent)]
+    Compat(#[from] CompatError),
     /// The control socket could not be created.
     #[error("cannot create the control socket {path}: {source}")]
     Control {
@@ -166,6 +175,8 @@ pub(crate) struct Shared {
     pub(crate) gate_keys: RwLock<Arc<[GateKey]>>,
     /// The identity key, for the gate keys of dials.
     pub(crate) key: SecretKey,
+    /// The XEP-0174 compatibility mode, when on.
+    pub(crate) compat: std::sync::OnceLock<Arc<compat::Compat>>,
     pub(crate) conns: Mutex<HashMap<u64, ConnEntry>>,
     pub(crate) session_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) kicks: Mutex<HashMap<u64, Arc<Notify>>>,
@@ -290,7 +301,12 @@ impl Shared {
         if let Ok(Ok((contacts, invites))) = res {
             let map: HashMap<PeerId, u64> = contacts
                 .iter()
-                .filter(|c| !matches!(c.state, ContactState::Refused { .. }))
+                .filter(|c| {
+                    !matches!(
+                        c.state,
+                        ContactState::Refused { .. } | ContactState::Cleartext { .. }
+                    )
+                })
                 .filter_map(|c| PeerId::from_bytes(c.peer).ok().map(|p| (p, c.id)))
                 .collect();
             let open = !invites.is_empty();
@@ -361,6 +377,7 @@ impl Node {
             open_invites: AtomicBool::new(false),
             gate_keys: RwLock::new(Arc::new([])),
             key: key.clone(),
+            compat: std::sync::OnceLock::new(),
             conns: Mutex::new(HashMap::new()),
             session_locks: Mutex::new(HashMap::new()),
             kicks: Mutex::new(HashMap::new()),
@@ -455,6 +472,11 @@ impl Node {
         .await??;
         tracing::info!(node = %me.short(), listeners = bound.len(), "node started");
 
+        if let Some(settings) = cfg.compat {
+            let ips: Vec<std::net::IpAddr> = cfg.listen.iter().map(SocketAddr::ip).collect();
+            let c = compat::start(&shared, settings, &ips, &profile.name, &mut tasks).await?;
+            let _ = shared.compat.set(c);
+        }
         tasks.spawn(conn::accept_loop(shared.clone(), acc_rx));
         tasks.spawn(conn::dial_manager(shared.clone()));
         tasks.spawn(retention_loop(shared.clone()));

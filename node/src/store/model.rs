@@ -44,6 +44,13 @@ pub enum ContactState {
         /// What they said.
         reason: String,
     },
+    /// A classic XEP-0174 client met on the LAN in the dangerous
+    /// compatibility mode: nothing to or from it is encrypted or
+    /// authenticated. `peer` is then a hash of the instance name, not a key.
+    Cleartext {
+        /// Its service instance name, `user@host`.
+        instance: String,
+    },
 }
 
 /// A contact.
