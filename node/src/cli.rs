@@ -532,6 +532,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                     queued,
                     uptime_secs: 0,
                     stats: Default::default(),
+                    cleartext_presence: None,
                 })
             })?;
             match status {
@@ -552,6 +553,11 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                         );
                         for p in &s.peers {
                             println!("  {} via {} for {}s", p.name, p.transport, p.since_secs);
+                        }
+                        if let Some(name) = &s.cleartext_presence {
+                            println!(
+                                "DANGER: XEP-0174 compatibility mode on; announced in the clear as {name}"
+                            );
                         }
                     }
                 }

@@ -223,11 +223,15 @@ impl Presence {
         hits.next().is_none().then(|| first.peer.clone())
     }
 
-    /// Withdraws the announcement and stops browsing.
+    /// Withdraws the announcement (goodbye packets, so classic clients
+    /// drop it at once instead of when its TTL ends) and stops browsing.
     pub fn stop(&self) {
-        let _ = self
+        if let Ok(done) = self
             .daemon
-            .unregister(&format!("{}.{PRESENCE_TYPE}", self.instance));
+            .unregister(&format!("{}.{PRESENCE_TYPE}", self.instance))
+        {
+            let _ = done.recv_timeout(std::time::Duration::from_secs(1));
+        }
         let _ = self.daemon.shutdown();
     }
 }

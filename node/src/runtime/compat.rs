@@ -39,7 +39,10 @@ pub const MAX_CLEARTEXT_CONTACTS: usize = 64;
 /// How long a dial or a stream header may take.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 /// How often a live session looks for queued messages besides being kicked.
-const POLL: Duration = Duration::from_millis(500);
+const POLL: Duration = Duration::from_millis(250);
+/// How long a classic stream must stand before we write to it, and again
+/// before what we wrote counts as sent.
+const SETTLE: Duration = Duration::from_millis(500);
 
 /// Settings of the compatibility mode.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +64,8 @@ pub(crate) struct Compat {
     live: Mutex<HashSet<u64>>,
     /// Contacts whose sender task runs.
     senders: Mutex<HashSet<u64>>,
+    /// Contacts with messages written but not yet counted as sent.
+    unsettled: Mutex<HashSet<u64>>,
     /// Serializes creating cleartext contacts (the browser and the
     /// listener may meet the same peer at once).
     adding: tokio::sync::Mutex<()>,
@@ -73,6 +78,42 @@ impl std::fmt::Debug for Compat {
 }
 
 impl Compat {
+    /// Our instance name, as announced.
+    pub(crate) fn instance(&self) -> &str {
+        &self.presence.instance
+    }
+
+    /// Withdraws our `_presence` record.
+    pub(crate) fn withdraw(&self) {
+        self.presence.stop();
+    }
+
+    /// Waits (at most `limit`) until no stream has messages written but not
+    /// yet counted as sent, so that stopping the node does not make them go
+    /// out twice.
+    pub(crate) async fn settle(&self, limit: Duration) {
+        let end = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < end
+            && self
+                .unsettled
+                .lock()
+                .map(|u| !u.is_empty())
+                .unwrap_or(false)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn set_unsettled(&self, id: u64, on: bool) {
+        if let Ok(mut u) = self.unsettled.lock() {
+            if on {
+                u.insert(id);
+            } else {
+                u.remove(&id);
+            }
+        }
+    }
+
     pub(crate) fn is_live(&self, contact: u64) -> bool {
         self.live
             .lock()
@@ -139,6 +180,7 @@ pub(crate) async fn start(
         presence,
         live: Mutex::new(HashSet::new()),
         senders: Mutex::new(HashSet::new()),
+        unsettled: Mutex::new(HashSet::new()),
         adding: tokio::sync::Mutex::new(()),
     });
     // Peers seen on the LAN become cleartext contacts (bounded), and each
@@ -250,9 +292,11 @@ async fn sender(shared: Arc<Shared>, compat: Arc<Compat>, id: u64, instance: Str
         };
         for ip in &peer.ips {
             let addr = SocketAddr::new(*ip, peer.port);
+            tracing::debug!(contact = id, "XEP-0174: dialling a classic peer");
             match tokio::time::timeout(HANDSHAKE, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => {
                     session(&shared, &compat, id, &instance, s, true).await;
+                    tracing::debug!(contact = id, "XEP-0174: outgoing stream ended");
                     break;
                 }
                 _ => tracing::debug!(contact = id, "XEP-0174 dial failed"),
@@ -341,6 +385,7 @@ impl Drop for LiveGuard<'_> {
         if let Ok(mut l) = self.0.live.lock() {
             l.remove(&self.1);
         }
+        self.0.set_unsettled(self.1, false);
     }
 }
 
@@ -370,13 +415,47 @@ async fn session(
     let mut got_header = false;
     let mut incoming: Vec<Incoming> = Vec::new();
     let deadline = tokio::time::Instant::now() + HANDSHAKE;
+    // Classic streams have no acks. A peer that does not want the stream
+    // (libpurple, when it has not yet resolved our record) answers with its
+    // header and closes at once: so nothing is written until the stream has
+    // stood for SETTLE, and what was written is marked sent only once the
+    // stream stood for SETTLE more. A stream that ends earlier leaves it
+    // queued for the next one (a duplicate is possible, a loss is not).
+    let mut settled_at: Option<tokio::time::Instant> = None;
+    let mut written: Option<(u64, tokio::time::Instant)> = None;
+    // The node is stopping: write nothing more, let what was written settle.
+    let mut closing = false;
     loop {
-        if got_header && answered {
-            // Send what is queued (only after their header: libpurple drops
-            // stanzas that arrive before it has the stream).
-            if let Err(e) = flush_outbox(shared, id, &me, them, &mut wr).await {
-                tracing::debug!(contact = id, "XEP-0174 write failed: {e}");
-                return;
+        let now = tokio::time::Instant::now();
+        if let Some((last, at)) = written
+            && now >= at + SETTLE
+        {
+            match db(&shared.store, move |s| s.ack_outgoing(id, last)).await {
+                Ok(Ok(_)) => {
+                    written = None;
+                    compat.set_unsettled(id, false);
+                }
+                _ => {
+                    tracing::warn!(contact = id, "could not mark cleartext messages sent");
+                    return;
+                }
+            }
+        }
+        if closing && written.is_none() {
+            let _ = wr.write_all(b"</stream:stream>").await;
+            return;
+        }
+        if !closing && written.is_none() && settled_at.is_some_and(|t| now >= t) && answered {
+            match write_outbox(shared, id, &me, them, &mut wr).await {
+                Ok(Some(last)) => {
+                    compat.set_unsettled(id, true);
+                    written = Some((last, now));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(contact = id, "XEP-0174 write failed: {e}");
+                    return;
+                }
             }
         }
         let read = tokio::select! {
@@ -389,9 +468,9 @@ async fn session(
                 }
                 continue;
             }
-            _ = shutdown.changed() => {
-                let _ = wr.write_all(b"</stream:stream>").await;
-                return;
+            _ = shutdown.changed(), if !closing => {
+                closing = true;
+                continue;
             }
         };
         let n = match read {
@@ -409,6 +488,9 @@ async fn session(
             }
         };
         let ended = handle(events, &mut got_header, &mut incoming);
+        if got_header && settled_at.is_none() {
+            settled_at = Some(tokio::time::Instant::now() + SETTLE);
+        }
         if got_header && !answered {
             if wr.write_all(header(&me, them).as_bytes()).await.is_err() {
                 return;
@@ -456,14 +538,15 @@ async fn store_incoming(shared: &Arc<Shared>, id: u64, incoming: &mut Vec<Incomi
     }
 }
 
-/// Writes every queued chat message, then marks them sent.
-async fn flush_outbox(
+/// Writes the queued chat messages (at most 64); returns the outbox number
+/// of the last one written, to be marked sent once the stream stood.
+async fn write_outbox(
     shared: &Arc<Shared>,
     id: u64,
     me: &str,
     them: &str,
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
-) -> Result<(), String> {
+) -> Result<Option<u64>, String> {
     let pending = db(&shared.store, move |s| {
         let st = s.peer_state(id)?;
         s.outbox_after(id, st.out_acked, 64)
@@ -472,7 +555,7 @@ async fn flush_outbox(
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
     let Some(last) = pending.last().map(|(n, _)| *n) else {
-        return Ok(());
+        return Ok(None);
     };
     let mut out = Vec::new();
     for (_, s) in &pending {
@@ -485,11 +568,7 @@ async fn flush_outbox(
     }
     wr.write_all(&out).await.map_err(|e| e.to_string())?;
     wr.flush().await.map_err(|e| e.to_string())?;
-    db(&shared.store, move |s| s.ack_outgoing(id, last))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    Ok(())
+    Ok(Some(last))
 }
 
 #[cfg(test)]

@@ -137,6 +137,10 @@ pub struct StatusView {
     /// Counters.
     #[serde(default)]
     pub stats: StatsView,
+    /// In the dangerous XEP-0174 compatibility mode: the name announced in
+    /// the clear (`name@coterie-<random>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleartext_presence: Option<String>,
 }
 
 /// Counters since start.
@@ -356,6 +360,7 @@ pub(crate) fn status(shared: &Arc<Shared>) -> StatusView {
                 sessions: g(&st.sessions),
             }
         },
+        cleartext_presence: shared.compat.get().map(|c| c.instance().to_string()),
     }
 }
 

@@ -564,6 +564,11 @@ impl Node {
         if let Some(d) = &self.shared.cfg.discovery {
             d.withdraw(&self.shared.me);
         }
+        if let Some(c) = self.shared.compat.get() {
+            c.settle(Duration::from_secs(2)).await;
+            let c = c.clone();
+            let _ = tokio::task::spawn_blocking(move || c.withdraw()).await;
+        }
         if let Some((net, name)) = &self.shared.cfg.memory {
             net.unlisten(name);
         }
