@@ -242,6 +242,23 @@ impl Drop for Presence {
     }
 }
 
+/// Records `peer` (evicting the peer seen longest ago when [`MAX_PEERS`]
+/// are known); returns whether it is new or changed.
+fn remember(peers: &mut HashMap<String, Seen>, peer: ClassicPeer, at: Instant) -> bool {
+    if !peers.contains_key(&peer.instance)
+        && peers.len() >= MAX_PEERS
+        && let Some(oldest) = peers
+            .iter()
+            .min_by_key(|(_, s)| s.at)
+            .map(|(k, _)| k.clone())
+    {
+        peers.remove(&oldest);
+    }
+    let changed = peers.get(&peer.instance).is_none_or(|s| s.peer != peer);
+    peers.insert(peer.instance.clone(), Seen { peer, at });
+    changed
+}
+
 fn on_resolved(
     info: &ResolvedService,
     own: &str,
@@ -261,23 +278,9 @@ fn on_resolved(
     if peer.instance == own {
         return;
     }
-    let changed = {
-        let Ok(mut p) = peers.write() else { return };
-        if !p.contains_key(&peer.instance) && p.len() >= MAX_PEERS {
-            // Evict the one seen longest ago.
-            if let Some(oldest) = p.iter().min_by_key(|(_, s)| s.at).map(|(k, _)| k.clone()) {
-                p.remove(&oldest);
-            }
-        }
-        let changed = p.get(&peer.instance).is_none_or(|s| s.peer != peer);
-        p.insert(
-            peer.instance.clone(),
-            Seen {
-                peer: peer.clone(),
-                at: Instant::now(),
-            },
-        );
-        changed
+    let changed = match peers.write() {
+        Ok(mut p) => remember(&mut p, peer.clone(), Instant::now()),
+        Err(_) => return,
     };
     if changed {
         let h = hook.read().ok().and_then(|h| h.clone());
@@ -323,6 +326,35 @@ mod tests {
         let txt: HashMap<String, String> = presence_txt("alice", 6000).into_iter().collect();
         let p = parse_presence("alice@h._presence._tcp.local.", &txt, 1, &IP).expect("peer");
         assert_eq!((p.port, p.name.as_deref()), (6000, Some("alice")));
+    }
+
+    #[test]
+    fn a_flood_of_records_keeps_at_most_max_peers() {
+        let mut peers = HashMap::new();
+        let t0 = Instant::now();
+        let peer = |i: usize| ClassicPeer {
+            instance: format!("p{i}@h"),
+            ips: IP.to_vec(),
+            port: 5298,
+            name: None,
+        };
+        for i in 0..10 * MAX_PEERS {
+            assert!(remember(
+                &mut peers,
+                peer(i),
+                t0 + std::time::Duration::from_millis(i as u64)
+            ));
+        }
+        assert_eq!(peers.len(), MAX_PEERS);
+        // The newest are kept; a repeat is not news, a change is.
+        assert!(peers.contains_key(&format!("p{}@h", 10 * MAX_PEERS - 1)));
+        assert!(!peers.contains_key("p0@h"));
+        let last = 10 * MAX_PEERS - 1;
+        assert!(!remember(&mut peers, peer(last), t0));
+        let mut moved = peer(last);
+        moved.port = 5299;
+        assert!(remember(&mut peers, moved, t0));
+        assert_eq!(peers.len(), MAX_PEERS);
     }
 
     #[test]
