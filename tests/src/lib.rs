@@ -104,6 +104,8 @@ pub struct NodeProc {
     log: PathBuf,
     /// Run inside this network namespace, listening on this address.
     pub netns: Option<netns::Host>,
+    /// Extra environment for `coterie run`.
+    pub env: Vec<(String, String)>,
 }
 
 /// What a CLI call returned.
@@ -128,6 +130,7 @@ impl NodeProc {
             port: free_port(),
             child: None,
             netns: None,
+            env: Vec::new(),
         };
         let out = n.cli(&["init", "--name", name]);
         assert_eq!(out.code, 0, "init failed: {}", out.stderr);
@@ -143,6 +146,7 @@ impl NodeProc {
             port: free_port(),
             child: None,
             netns: None,
+            env: Vec::new(),
         }
     }
 
@@ -198,6 +202,7 @@ impl NodeProc {
             .arg("--json")
             .args(["run", "--listen", &format!("{host}:{}", self.port)])
             .args(extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("COTERIE_PASSPHRASE", PASSPHRASE)
             .env(
                 "COTERIE_LOG",
