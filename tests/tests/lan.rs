@@ -36,6 +36,20 @@ fn observer_bin() -> std::path::PathBuf {
     dir.join("lan-observer")
 }
 
+/// Profiles named `names`, each to run on the LAN host of the same index
+/// in `hosts`.
+fn nodes_on(lan: &Lan, root: &std::path::Path, names: &[&str], hosts: &[usize]) -> Vec<NodeProc> {
+    names
+        .iter()
+        .zip(hosts)
+        .map(|(n, h)| {
+            let mut p = NodeProc::init(root, n);
+            p.netns = Some(lan.hosts[*h].clone());
+            p
+        })
+        .collect()
+}
+
 fn unhex(h: &str) -> Vec<u8> {
     (0..h.len() / 2)
         .filter_map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).ok())
@@ -53,15 +67,7 @@ fn contacts_find_each_other_and_a_stranger_learns_nothing() {
     // Names with '_', which neither base32 nor base64 produce: a hit in a
     // packet cannot be chance.
     let names = ["alice_lan", "bob_lan", "carol_lan", "mallory_lan"];
-    let mut nodes: Vec<NodeProc> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let mut p = NodeProc::init(tmp.path(), n);
-            p.netns = Some(lan.hosts[i].clone());
-            p
-        })
-        .collect();
+    let mut nodes = nodes_on(&lan, tmp.path(), &names, &[0, 1, 2, 3]);
     let lan_args = ["--lan", "--lan-period", PERIOD];
     for n in nodes.iter_mut().take(3) {
         n.start_with(&lan_args);
@@ -275,15 +281,7 @@ fn a_flood_of_hostile_mdns_neither_stops_contacts_nor_grows_memory_without_bound
     // alice and bob restart each round; carol stays up through every flood
     // (her memory is what is measured); host 2 floods.
     let names = ["alice_flood", "bob_flood", "carol_flood"];
-    let mut nodes: Vec<NodeProc> = names
-        .iter()
-        .zip([0usize, 1, 3])
-        .map(|(n, h)| {
-            let mut p = NodeProc::init(tmp.path(), n);
-            p.netns = Some(lan.hosts[h].clone());
-            p
-        })
-        .collect();
+    let mut nodes = nodes_on(&lan, tmp.path(), &names, &[0, 1, 3]);
     // glibc gives threads their own malloc arenas, and the node starts a new
     // mDNS daemon thread every period: with the default arena count, RSS
     // creeps up by about 1 MiB a round from fragmentation alone (measured:
@@ -375,15 +373,7 @@ fn contacts_meet_over_ipv6_link_local_and_follow_an_address_change() {
     let mut lan = Lan::v6_only(2);
     let tmp = tempfile::tempdir().expect("tmp");
     let names = ["alice_v6", "bob_v6"];
-    let mut nodes: Vec<NodeProc> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let mut p = NodeProc::init(tmp.path(), n);
-            p.netns = Some(lan.hosts[i].clone());
-            p
-        })
-        .collect();
+    let mut nodes = nodes_on(&lan, tmp.path(), &names, &[0, 1]);
     let lan_args = ["--lan", "--lan-period", PERIOD];
     for n in nodes.iter_mut() {
         n.start_with(&lan_args);

@@ -216,6 +216,17 @@ mod tests {
 
     const NOW: u64 = 1_800_000_000;
 
+    /// `gate` checks one ALPN entry against one key.
+    fn one(
+        gate: &Gate,
+        entry: &[u8],
+        key: &GateKey,
+        server: &PeerId,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        gate.check([entry].into_iter(), std::slice::from_ref(key), server, now)
+    }
+
     #[test]
     fn a_contact_passes_once_and_a_replay_is_refused() {
         let (a, b, _) = keys();
@@ -260,37 +271,13 @@ mod tests {
         );
         // A stranger's key is not on the list.
         let t = cb.ticket(&b.peer_id(), NOW);
-        assert_eq!(
-            gate.check(
-                [t.as_slice()].into_iter(),
-                std::slice::from_ref(&ab),
-                &b.peer_id(),
-                NOW
-            ),
-            Err(Refusal::Forged)
-        );
+        assert_eq!(one(&gate, &t, &ab, &b.peer_id(), NOW), Err(Refusal::Forged));
         // A ticket A made for B does not open A's own listener (same pair key).
         let t = ab.ticket(&b.peer_id(), NOW);
-        assert_eq!(
-            gate.check(
-                [t.as_slice()].into_iter(),
-                std::slice::from_ref(&ab),
-                &a.peer_id(),
-                NOW
-            ),
-            Err(Refusal::Forged)
-        );
+        assert_eq!(one(&gate, &t, &ab, &a.peer_id(), NOW), Err(Refusal::Forged));
         // Two windows away is stale; one window either way is fine.
         let t = ab.ticket(&b.peer_id(), NOW - 2 * WINDOW_SECS);
-        assert_eq!(
-            gate.check(
-                [t.as_slice()].into_iter(),
-                std::slice::from_ref(&ab),
-                &b.peer_id(),
-                NOW
-            ),
-            Err(Refusal::Stale)
-        );
+        assert_eq!(one(&gate, &t, &ab, &b.peer_id(), NOW), Err(Refusal::Stale));
         let t = ab.ticket(&b.peer_id(), NOW + WINDOW_SECS);
         assert_eq!(
             gate.check([t.as_slice()].into_iter(), &[ab], &b.peer_id(), NOW),
@@ -325,15 +312,7 @@ mod tests {
         let t2 = k.ticket(&b.peer_id(), NOW);
         assert_ne!(t1, t2);
         let g = Gate::default();
-        assert_eq!(
-            g.check(
-                [t1.as_slice()].into_iter(),
-                std::slice::from_ref(&k),
-                &b.peer_id(),
-                NOW
-            ),
-            Ok(())
-        );
+        assert_eq!(one(&g, &t1, &k, &b.peer_id(), NOW), Ok(()));
         assert_eq!(
             g.check([t2.as_slice()].into_iter(), &[k], &b.peer_id(), NOW),
             Ok(())
@@ -351,15 +330,7 @@ mod tests {
             g.remember(n, window_of(NOW), window_of(NOW)).expect("room");
         }
         let t = k.ticket(&b.peer_id(), NOW);
-        assert_eq!(
-            g.check(
-                [t.as_slice()].into_iter(),
-                std::slice::from_ref(&k),
-                &b.peer_id(),
-                NOW
-            ),
-            Err(Refusal::Full)
-        );
+        assert_eq!(one(&g, &t, &k, &b.peer_id(), NOW), Err(Refusal::Full));
         // Two windows later the old nonces are dropped and room is made.
         let later = NOW + 2 * WINDOW_SECS;
         let t = k.ticket(&b.peer_id(), later);
