@@ -533,6 +533,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                     uptime_secs: 0,
                     stats: Default::default(),
                     cleartext_presence: None,
+                    classic_peers: Vec::new(),
                 })
             })?;
             match status {
@@ -558,6 +559,9 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                             println!(
                                 "DANGER: XEP-0174 compatibility mode on; announced in the clear as {name}"
                             );
+                            for p in &s.classic_peers {
+                                println!("  classic peer on the LAN (cleartext): {p}");
+                            }
                         }
                     }
                 }

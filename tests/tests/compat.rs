@@ -123,28 +123,38 @@ fn contact<'a>(list: &'a [Value], name: &str) -> Option<&'a Value> {
 
 #[test]
 fn a_classic_bonjour_client_chats_with_coterie_both_ways_in_marked_cleartext() {
-    let lan = Lan::new(2);
+    let lan = Lan::new(3);
     let tmp = tempfile::tempdir().expect("tmp");
     let mut alice = NodeProc::init(tmp.path(), "alice");
     alice.netns = Some(lan.hosts[0].clone());
     let compat_port = coterie_tests::free_port().to_string();
     alice.start_with(&["--danger-xep0174-compat", "--compat-port", &compat_port]);
 
-    let work = tmp.path().join("finch");
-    std::fs::create_dir_all(&work).expect("workdir");
-    let mut finch = Finch::start(&lan.hosts[1].ns, "fin", "fhost", &work);
-    let ready = finch.expect("ready", Duration::from_secs(60));
-    let fin = ready["jid"].as_str().expect("finch's jid").to_string();
-    assert_eq!(fin, "fin@fhost");
+    // Two finch users: one speaks first, the other is spoken to first.
+    let (w1, w2) = (tmp.path().join("finch1"), tmp.path().join("finch2"));
+    std::fs::create_dir_all(&w1).expect("workdir");
+    std::fs::create_dir_all(&w2).expect("workdir");
+    let mut finch = Finch::start(&lan.hosts[1].ns, "fin", "fhost", &w1);
+    let mut finch2 = Finch::start(&lan.hosts[2].ns, "gin", "ghost", &w2);
+    let fin = finch.expect("ready", Duration::from_secs(60))["jid"]
+        .as_str()
+        .expect("finch's jid")
+        .to_string();
+    let gin = finch2.expect("ready", Duration::from_secs(60))["jid"]
+        .as_str()
+        .expect("finch's jid")
+        .to_string();
+    assert_eq!((fin.as_str(), gin.as_str()), ("fin@fhost", "gin@ghost"));
 
-    // Alice's node sees finch's _presence record: a cleartext contact.
-    wait_for(
-        "finch to appear as a cleartext contact",
-        Duration::from_secs(20),
-        || {
-            let list = alice.cli(&["contacts"]).json;
-            contact(&list, &fin).map(|_| ())
-        },
+    // Alice's node sees both _presence records; a record alone makes no
+    // contact (a flood of records must not fill the contact list).
+    wait_for("both classic peers seen", Duration::from_secs(20), || {
+        let seen = alice.status()["classic_peers"].clone();
+        (seen == json!([fin, gin])).then_some(())
+    });
+    assert!(
+        alice.cli(&["contacts"]).json.is_empty(),
+        "a record alone made a contact"
     );
 
     // finch → Coterie first: finch dials alice's cleartext listener, which
@@ -177,6 +187,28 @@ fn a_classic_bonjour_client_chats_with_coterie_both_ways_in_marked_cleartext() {
     let got = finch.expect("received", Duration::from_secs(30));
     assert_eq!(got["body"], "hello from coterie", "{got}");
     assert_eq!(got["from"], alice_jid.as_str(), "{got}");
+
+    // Coterie speaks first to a classic peer that is not a contact yet:
+    // `send` to a name seen on the LAN makes it one.
+    let sent = alice.cli(&["send", &gin, "hello gin"]);
+    assert_eq!(sent.code, 0, "{}", sent.stderr);
+    let got = finch2.expect("received", Duration::from_secs(30));
+    assert_eq!(
+        (got["body"].as_str(), got["from"].as_str()),
+        (Some("hello gin"), Some(alice_jid.as_str()))
+    );
+    finch2.send(&alice_jid, "hello alice");
+    wait_for("gin's answer", Duration::from_secs(30), || {
+        alice
+            .cli(&["history", &gin])
+            .json
+            .iter()
+            .any(|m| m["dir"] == "in" && m["body"] == "hello alice" && m["cleartext"] == true)
+            .then_some(())
+    });
+    // A name nobody announced is still refused with the usual error.
+    let nobody = alice.cli(&["send", "nobody@nohost", "hi"]);
+    assert_ne!(nobody.code, 0, "{:?}", nobody.json);
 
     // Alice's node restarts (the stream is gone, and she comes back under a
     // new random host label); a message queued while it was down makes it

@@ -213,6 +213,17 @@ impl Presence {
             .map(|s| s.peer.clone())
     }
 
+    /// The instance names of the classic peers seen, sorted.
+    pub fn instances(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .peers
+            .read()
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
     /// The classic peer whose record carries `ip`, if any: a connection
     /// from an address nobody announced is not taken (as libpurple does).
     pub fn by_ip(&self, ip: IpAddr) -> Option<ClassicPeer> {

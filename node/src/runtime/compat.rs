@@ -200,8 +200,11 @@ pub(crate) async fn start(
                     }
                 }
             }
+            // A record seen is not a contact: only a stream the peer opens, or
+            // a message the user sends it, makes one (a flood of records
+            // must not fill the contact list). Known ones are dialled.
             while let Some(p) = seen_rx.recv().await {
-                if let Some(id) = contact_for(&shared, &compat, &p).await {
+                if let Some(id) = existing_contact(&shared, &p.instance).await {
                     spawn_sender(&shared, &compat, id, p.instance.clone());
                     shared.kick(id).notify_one();
                 }
@@ -213,6 +216,40 @@ pub(crate) async fn start(
         tasks.spawn(accept_loop(shared, compat, listener));
     }
     Ok(compat)
+}
+
+/// The cleartext contact for `instance`, if there is one.
+async fn existing_contact(shared: &Arc<Shared>, instance: &str) -> Option<u64> {
+    let instance = instance.to_string();
+    db(&shared.store, move |s| {
+        s.contacts().ok()?.into_iter().find_map(|c| match c.state {
+            ContactState::Cleartext { instance: i } if i == instance => Some(c.id),
+            _ => None,
+        })
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// For `coterie send` to a name that is not a contact: if a classic peer
+/// of that instance name is on the LAN, it becomes a cleartext contact.
+pub(crate) async fn contact_for_send(
+    shared: &Arc<Shared>,
+    compat: &Arc<Compat>,
+    instance: &str,
+) -> Option<u64> {
+    let peer = compat.presence.lookup(instance)?;
+    let id = contact_for(shared, compat, &peer).await?;
+    spawn_sender(shared, compat, id, peer.instance);
+    Some(id)
+}
+
+/// The classic peers seen on the LAN now, by instance name.
+impl Compat {
+    pub(crate) fn seen(&self) -> Vec<String> {
+        self.presence.instances()
+    }
 }
 
 /// Finds or creates the cleartext contact for `p`.

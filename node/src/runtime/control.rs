@@ -141,6 +141,10 @@ pub struct StatusView {
     /// the clear (`name@coterie-<random>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cleartext_presence: Option<String>,
+    /// In that mode: classic peers seen on the LAN (`coterie send NAME`
+    /// to one of them starts a cleartext chat).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classic_peers: Vec<String>,
 }
 
 /// Counters since start.
@@ -285,6 +289,13 @@ pub(crate) async fn do_send(
     contact: &str,
     text: &str,
 ) -> Result<MessageView, OpError> {
+    if let Some(compat) = shared.compat.get() {
+        let sel = contact.to_string();
+        let known = db(&shared.store, move |s| ops::find_contact(s, &sel).is_ok()).await?;
+        if !known {
+            super::compat::contact_for_send(shared, compat, contact).await;
+        }
+    }
     let (contact, text) = (contact.to_string(), text.to_string());
     let own = shared.omemo.clone();
     let (c, m) = db(&shared.store, move |s| {
@@ -361,6 +372,7 @@ pub(crate) fn status(shared: &Arc<Shared>) -> StatusView {
             }
         },
         cleartext_presence: shared.compat.get().map(|c| c.instance().to_string()),
+        classic_peers: shared.compat.get().map(|c| c.seen()).unwrap_or_default(),
     }
 }
 
