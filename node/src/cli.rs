@@ -667,8 +667,10 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
             let lan = lan.then_some(coterie_node::runtime::LanSettings {
                 period_secs: lan_period,
             });
-            let compat = danger_xep0174_compat
-                .then_some(coterie_node::runtime::CompatSettings { port: compat_port });
+            let compat = danger_xep0174_compat.then_some(coterie_node::runtime::CompatSettings {
+                port: compat_port,
+                period_secs: lan_period,
+            });
             if compat.is_some() {
                 eprintln!(
                     "DANGER: XEP-0174 compatibility mode. Your name is announced on the LAN in the clear, and chats with classic clients are NOT encrypted: anyone on the network can read them and pretend to be them. They are marked [cleartext]."

@@ -402,6 +402,28 @@ pub fn introduce(a: &NodeProc, b: &NodeProc) {
     );
 }
 
+/// Builds the test tool binary `name` (of this crate) and returns its path.
+pub fn tool(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--quiet", "-p", "coterie-tests", "--bin", name])
+        .status()
+        .expect("cargo");
+    assert!(status.success(), "building {name} failed");
+    dir.join(name)
+}
+
+/// Sleeps until 1.5 s past the next multiple of `period` seconds of unix
+/// time: the moment a LAN node has replaced its mDNS daemon.
+pub fn sleep_past_period_boundary(period: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    let into = now.as_millis() as u64 % (period * 1000);
+    std::thread::sleep(Duration::from_millis(period * 1000 - into + 1500));
+}
+
 /// Two running nodes, `alice` and `bob`, introduced to each other.
 pub fn running_pair(root: &Path) -> (NodeProc, NodeProc) {
     let mut a = NodeProc::init(root, "alice");

@@ -128,7 +128,16 @@ fn a_classic_bonjour_client_chats_with_coterie_both_ways_in_marked_cleartext() {
     let mut alice = NodeProc::init(tmp.path(), "alice");
     alice.netns = Some(lan.hosts[0].clone());
     let compat_port = coterie_tests::free_port().to_string();
-    alice.start_with(&["--danger-xep0174-compat", "--compat-port", &compat_port]);
+    // A short period: the node replaces its mDNS daemon every 10 s, several
+    // times during the chat.
+    let compat_args = [
+        "--danger-xep0174-compat",
+        "--compat-port",
+        compat_port.as_str(),
+        "--lan-period",
+        "10",
+    ];
+    alice.start_with(&compat_args);
 
     // Two finch users: one speaks first, the other is spoken to first.
     let (w1, w2) = (tmp.path().join("finch1"), tmp.path().join("finch2"));
@@ -216,7 +225,7 @@ fn a_classic_bonjour_client_chats_with_coterie_both_ways_in_marked_cleartext() {
     alice.stop();
     let queued = alice.cli(&["send", &fin, "queued while down"]);
     assert_eq!(queued.code, 0, "{}", queued.stderr);
-    alice.start_with(&["--danger-xep0174-compat", "--compat-port", &compat_port]);
+    alice.start_with(&compat_args);
     let got = finch.expect("received", Duration::from_secs(30));
     assert_eq!(got["body"], "queued while down", "{got}");
     let alice_jid2 = got["from"].as_str().expect("from").to_string();
@@ -275,5 +284,68 @@ fn the_compat_port_alone_is_refused() {
         out.stderr.contains("danger-xep0174-compat"),
         "{}",
         out.stderr
+    );
+}
+
+/// A stranger floods `_presence._tcp` records (400 a round, under random
+/// names, plus garbage packets) at a node in compatibility mode: no record
+/// becomes a contact, the table of classic peers stays at its cap, and
+/// memory does not grow from round to round (the node replaces its mDNS
+/// daemon every period).
+#[test]
+fn a_flood_of_presence_records_makes_no_contacts_and_no_growth() {
+    let lan = Lan::new(2);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut alice = NodeProc::init(tmp.path(), "alice");
+    alice.netns = Some(lan.hosts[0].clone());
+    // Two malloc arenas: see the flood test in lan.rs.
+    alice.env.push(("MALLOC_ARENA_MAX".into(), "2".into()));
+    let compat_port = coterie_tests::free_port().to_string();
+    let period = 10;
+    alice.start_with(&[
+        "--danger-xep0174-compat",
+        "--compat-port",
+        &compat_port,
+        "--lan-period",
+        &period.to_string(),
+    ]);
+    let flood = coterie_tests::tool("lan-flood");
+    let mut rounds = Vec::new();
+    for round in 0..6 {
+        let status = lan
+            .command(1, &flood)
+            .args([
+                lan.hosts[1].ip.to_string(),
+                "2000".into(),
+                "400".into(),
+                "6".into(),
+                "presence".into(),
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .expect("flooder");
+        assert!(status.success(), "round {round}: the flooder failed");
+        assert!(
+            alice.running(),
+            "round {round}: the node died under the flood"
+        );
+        coterie_tests::sleep_past_period_boundary(period);
+        let rss = alice.rss_kib().expect("rss");
+        let seen = alice.status()["classic_peers"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or(0);
+        eprintln!("round {round}: RSS {rss} KiB, classic peers remembered {seen}");
+        assert!(seen <= 64, "round {round}: {seen} classic peers remembered");
+        rounds.push(rss);
+    }
+    assert!(
+        alice.cli(&["contacts"]).json.is_empty(),
+        "flooded records became contacts"
+    );
+    let growth = rounds[5].saturating_sub(rounds[2]);
+    assert!(
+        growth < 1024,
+        "memory keeps growing with each flood: {rounds:?} KiB"
     );
 }

@@ -13,28 +13,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use coterie_tests::netns::Lan;
-use coterie_tests::{NodeProc, free_port, introduce, wait_for};
+use coterie_tests::{NodeProc, free_port, introduce, sleep_past_period_boundary, tool, wait_for};
 use serde_json::Value;
 
 const PERIOD: &str = "10";
-
-fn observer_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "coterie-tests",
-            "--bin",
-            "lan-observer",
-        ])
-        .status()
-        .expect("cargo");
-    assert!(status.success(), "building lan-observer failed");
-    dir.join("lan-observer")
-}
 
 /// Profiles named `names`, each to run on the LAN host of the same index
 /// in `hosts`.
@@ -84,7 +66,7 @@ fn contacts_find_each_other_and_a_stranger_learns_nothing() {
     // record periods.
     let observe_secs = 32;
     let mut obs = lan
-        .command(4, &observer_bin())
+        .command(4, &tool("lan-observer"))
         .arg(observe_secs.to_string())
         .arg(lan.hosts[4].ip.to_string())
         .stdout(Stdio::piped())
@@ -263,17 +245,6 @@ fn contacts_find_each_other_and_a_stranger_learns_nothing() {
     }
 }
 
-fn tool(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--quiet", "-p", "coterie-tests", "--bin", name])
-        .status()
-        .expect("cargo");
-    assert!(status.success(), "building {name} failed");
-    dir.join(name)
-}
-
 #[test]
 fn a_flood_of_hostile_mdns_neither_stops_contacts_nor_grows_memory_without_bound() {
     let lan = Lan::new(4);
@@ -333,12 +304,7 @@ fn a_flood_of_hostile_mdns_neither_stops_contacts_nor_grows_memory_without_bound
         // Measure after the next period boundary, when carol has replaced
         // her mDNS daemon (and its cache of the flood): what is measured is
         // what she keeps, not where in the period the flood happened to end.
-        let period: u64 = PERIOD.parse().expect("period");
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock");
-        let into = now.as_millis() as u64 % (period * 1000);
-        std::thread::sleep(Duration::from_millis(period * 1000 - into + 1500));
+        sleep_past_period_boundary(PERIOD.parse().expect("period"));
         let rss = nodes[2].rss_kib().expect("rss");
         eprintln!(
             "round {round}: alice and bob reconnected in {:?}; carol's RSS {rss} KiB (before {before})",

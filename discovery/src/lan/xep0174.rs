@@ -114,12 +114,18 @@ struct Seen {
 }
 
 /// Our `_presence._tcp` announcement and what we see of others'.
+///
+/// mdns-sd caches every record it hears, without a cap; like the encrypted
+/// discovery, the daemon is replaced every `recycle` (our record is
+/// registered again on the new one, under the same name), so a flood costs
+/// at most one interval's worth of cache.
 pub struct Presence {
-    daemon: ServiceDaemon,
+    daemon: Arc<std::sync::Mutex<Option<ServiceDaemon>>>,
     /// Our own instance, `name@host`.
     pub instance: String,
     peers: Arc<RwLock<HashMap<String, Seen>>>,
     hook: Arc<RwLock<Option<PeerHook>>>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Presence {
@@ -130,8 +136,14 @@ impl std::fmt::Debug for Presence {
 
 impl Presence {
     /// Announces `name@<random host>` at `ips`:`port` and browses for
-    /// others. Only ever call this inside a test's network namespace.
-    pub fn start(name: &str, ips: &[IpAddr], port: u16) -> Result<Presence, String> {
+    /// others, starting a fresh mDNS daemon every `recycle`. Only ever call
+    /// this inside a test's network namespace.
+    pub fn start(
+        name: &str,
+        ips: &[IpAddr],
+        port: u16,
+        recycle: std::time::Duration,
+    ) -> Result<Presence, String> {
         let label: String = {
             let r: [u8; 5] = rand::random();
             data_encoding::BASE32_NOPAD.encode(&r).to_ascii_lowercase()
@@ -148,10 +160,6 @@ impl Presence {
             local
         };
         let instance = format!("{local}@{host}");
-        let daemon = ServiceDaemon::new().map_err(|e| format!("mDNS: {e}"))?;
-        daemon
-            .accept_unsolicited(true)
-            .map_err(|e| format!("mDNS: {e}"))?;
         let props: HashMap<String, String> = presence_txt(name, port).into_iter().collect();
         let info = ServiceInfo::new(
             PRESENCE_TYPE,
@@ -162,39 +170,58 @@ impl Presence {
             props,
         )
         .map_err(|e| format!("cannot build the _presence record: {e}"))?;
-        daemon
-            .register(info)
-            .map_err(|e| format!("cannot announce _presence: {e}"))?;
-        let events = daemon
-            .browse(PRESENCE_TYPE)
-            .map_err(|e| format!("mDNS browse: {e}"))?;
-        let peers: Arc<RwLock<HashMap<String, Seen>>> = Arc::default();
-        let hook: Arc<RwLock<Option<PeerHook>>> = Arc::default();
-        let (p2, h2, own) = (peers.clone(), hook.clone(), instance.clone());
+        let p = Presence {
+            daemon: Arc::default(),
+            instance,
+            peers: Arc::default(),
+            hook: Arc::default(),
+            stopped: Arc::default(),
+        };
+        let first = p.fresh_daemon(&info)?;
+        if let Ok(mut d) = p.daemon.lock() {
+            *d = Some(first);
+        }
+        let (slot, stopped, me) = (p.daemon.clone(), p.stopped.clone(), p.clone_parts());
         std::thread::Builder::new()
-            .name("coterie-xep0174-browse".into())
+            .name("coterie-xep0174-recycle".into())
             .spawn(move || {
-                while let Ok(ev) = events.recv() {
-                    match ev {
-                        ServiceEvent::ServiceResolved(info) => on_resolved(&info, &own, &p2, &h2),
-                        ServiceEvent::ServiceRemoved(_, fullname) => {
-                            if let Some(i) = fullname.strip_suffix(&format!(".{PRESENCE_TYPE}"))
-                                && let Ok(mut p) = p2.write()
-                            {
-                                p.remove(i);
-                            }
-                        }
-                        _ => {}
+                use std::sync::atomic::Ordering;
+                let tick = std::time::Duration::from_millis(200);
+                let mut since = std::time::Duration::ZERO;
+                while !stopped.load(Ordering::SeqCst) {
+                    std::thread::sleep(tick);
+                    since += tick;
+                    if since < recycle {
+                        continue;
+                    }
+                    since = std::time::Duration::ZERO;
+                    let Ok(new) = me.fresh_daemon(&info) else {
+                        continue;
+                    };
+                    let old = match slot.lock() {
+                        Ok(mut d) if !stopped.load(Ordering::SeqCst) => d.replace(new),
+                        _ => Some(new),
+                    };
+                    // No goodbye: the record lives on in the new daemon.
+                    if let Some(d) = old {
+                        let _ = d.shutdown();
                     }
                 }
             })
             .map_err(|e| e.to_string())?;
-        Ok(Presence {
-            daemon,
-            instance,
-            peers,
-            hook,
-        })
+        Ok(p)
+    }
+
+    fn clone_parts(&self) -> Parts {
+        Parts {
+            own: self.instance.clone(),
+            peers: self.peers.clone(),
+            hook: self.hook.clone(),
+        }
+    }
+
+    fn fresh_daemon(&self, info: &ServiceInfo) -> Result<ServiceDaemon, String> {
+        self.clone_parts().fresh_daemon(info)
     }
 
     /// Sets the hook told of peers seen.
@@ -237,13 +264,15 @@ impl Presence {
     /// Withdraws the announcement (goodbye packets, so classic clients
     /// drop it at once instead of when its TTL ends) and stops browsing.
     pub fn stop(&self) {
-        if let Ok(done) = self
-            .daemon
-            .unregister(&format!("{}.{PRESENCE_TYPE}", self.instance))
-        {
-            let _ = done.recv_timeout(std::time::Duration::from_secs(1));
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let daemon = self.daemon.lock().ok().and_then(|mut d| d.take());
+        if let Some(d) = daemon {
+            if let Ok(done) = d.unregister(&format!("{}.{PRESENCE_TYPE}", self.instance)) {
+                let _ = done.recv_timeout(std::time::Duration::from_secs(1));
+            }
+            let _ = d.shutdown();
         }
-        let _ = self.daemon.shutdown();
     }
 }
 
@@ -268,6 +297,53 @@ fn remember(peers: &mut HashMap<String, Seen>, peer: ClassicPeer, at: Instant) -
     let changed = peers.get(&peer.instance).is_none_or(|s| s.peer != peer);
     peers.insert(peer.instance.clone(), Seen { peer, at });
     changed
+}
+
+/// What the browse threads share with the [`Presence`].
+struct Parts {
+    own: String,
+    peers: Arc<RwLock<HashMap<String, Seen>>>,
+    hook: Arc<RwLock<Option<PeerHook>>>,
+}
+
+impl Parts {
+    /// A daemon that announces `info` and feeds what it browses into the
+    /// shared table.
+    fn fresh_daemon(&self, info: &ServiceInfo) -> Result<ServiceDaemon, String> {
+        let daemon = ServiceDaemon::new().map_err(|e| format!("mDNS: {e}"))?;
+        daemon
+            .accept_unsolicited(true)
+            .map_err(|e| format!("mDNS: {e}"))?;
+        daemon
+            .register(info.clone())
+            .map_err(|e| format!("cannot announce _presence: {e}"))?;
+        let events = daemon
+            .browse(PRESENCE_TYPE)
+            .map_err(|e| format!("mDNS browse: {e}"))?;
+        let (peers, hook, own) = (self.peers.clone(), self.hook.clone(), self.own.clone());
+        std::thread::Builder::new()
+            .name("coterie-xep0174-browse".into())
+            .spawn(move || {
+                // Ends when its daemon is shut down (the channel closes).
+                while let Ok(ev) = events.recv() {
+                    match ev {
+                        ServiceEvent::ServiceResolved(info) => {
+                            on_resolved(&info, &own, &peers, &hook)
+                        }
+                        ServiceEvent::ServiceRemoved(_, fullname) => {
+                            if let Some(i) = fullname.strip_suffix(&format!(".{PRESENCE_TYPE}"))
+                                && let Ok(mut p) = peers.write()
+                            {
+                                p.remove(i);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(daemon)
+    }
 }
 
 fn on_resolved(

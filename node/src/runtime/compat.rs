@@ -49,11 +49,17 @@ const SETTLE: Duration = Duration::from_millis(500);
 pub struct CompatSettings {
     /// The plain XMPP port to listen on and announce.
     pub port: u16,
+    /// Seconds between fresh mDNS daemons (bounds mdns-sd's cache under a
+    /// flood of records); `--lan-period`.
+    pub period_secs: u64,
 }
 
 impl Default for CompatSettings {
     fn default() -> Self {
-        CompatSettings { port: DEFAULT_PORT }
+        CompatSettings {
+            port: DEFAULT_PORT,
+            period_secs: 600,
+        }
     }
 }
 
@@ -172,7 +178,8 @@ pub(crate) async fn start(
         .local_addr()
         .map_err(|e| CompatError::Bind(bind, e.to_string()))?
         .port();
-    let presence = Presence::start(name, &[first], port).map_err(CompatError::Mdns)?;
+    let recycle = Duration::from_secs(settings.period_secs.max(10));
+    let presence = Presence::start(name, &[first], port, recycle).map_err(CompatError::Mdns)?;
     tracing::warn!(
         "DANGER: XEP-0174 compatibility mode is on: your name is announced in the clear and chats with classic clients are not encrypted"
     );

@@ -1,6 +1,8 @@
 //! A hostile stranger on the LAN: multicasts garbage mDNS packets and
-//! announces many well-formed but meaningless Coterie records. Run it inside
-//! a test namespace only (`ip netns exec NS lan-flood IP GARBAGE RECORDS`).
+//! announces many well-formed but meaningless Coterie records (or, with
+//! `presence`, XEP-0174 `_presence._tcp` records). Run it inside a test
+//! namespace only (`ip netns exec NS lan-flood IP GARBAGE RECORDS [SECS]
+//! [presence]`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -42,8 +44,27 @@ fn main() {
         let _ = sock.send_to(&p, group);
     }
 
-    // Well-formed records nobody can read.
     let daemon = ServiceDaemon::new().expect("mdns");
+    if args.get(5).map(String::as_str) == Some("presence") {
+        // Classic-client records under random names, all at our address.
+        for i in 0..records {
+            let mut props = HashMap::new();
+            props.insert("txtvers".to_string(), "1".to_string());
+            props.insert("port.p2pj".to_string(), "5298".to_string());
+            props.insert("1st".to_string(), format!("flood{i}"));
+            let info = ServiceInfo::new(
+                "_presence._tcp.local.",
+                &format!("flood{i}x{}@fh{i}", rng.next_u32()),
+                &format!("fh{i}.local."),
+                iface.to_string().as_str(),
+                5298,
+                props,
+            )
+            .expect("info");
+            let _ = daemon.register(info);
+        }
+    }
+    // Well-formed Coterie records nobody can read.
     for i in 0..records {
         let mut nonce = [0u8; 16];
         rng.fill_bytes(&mut nonce);
