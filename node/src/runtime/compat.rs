@@ -386,15 +386,18 @@ fn header(from: &str, to: &str) -> String {
     )
 }
 
-/// A `<message type='chat'>` with `body`, or `None` if XML cannot carry it.
+/// A `<message type='chat'>` with `body`, or `None` if XML cannot carry it
+/// (`send` refuses such text before it is queued). An instance name that is
+/// not a valid JID is left off: classic clients take the sender from the
+/// stream, and the stanza must not be dropped for it.
 pub(crate) fn chat_stanza(from: &str, to: &str, id: &str, body: &str) -> Option<Vec<u8>> {
+    use xmpp_parsers::jid::Jid;
+    use xmpp_parsers::message::{Id, Lang, Message, MessageType};
     if !crate::stream::session::is_xml_text(body) || !crate::stream::session::is_xml_text(id) {
         return None;
     }
-    use xmpp_parsers::jid::Jid;
-    use xmpp_parsers::message::{Id, Lang, Message, MessageType};
-    let mut m = Message::new(Some(Jid::new(to).ok()?));
-    m.from = Some(Jid::new(from).ok()?);
+    let mut m = Message::new(Jid::new(to).ok());
+    m.from = Jid::new(from).ok();
     m.type_ = MessageType::Chat;
     m.id = Some(Id(id.to_string()));
     m.bodies.insert(Lang::default(), body.to_string());
@@ -603,12 +606,17 @@ async fn write_outbox(
     };
     let mut out = Vec::new();
     for (_, s) in &pending {
-        if let OutStanza::Chat { id: sid, body, .. } = s
-            && let Some(b) = chat_stanza(me, them, sid, body)
-        {
-            out.extend_from_slice(&b);
-        }
         // Receipts and OMEMO key transports do not exist for classic peers.
+        if let OutStanza::Chat { id: sid, body, .. } = s {
+            match chat_stanza(me, them, sid, body) {
+                Some(b) => out.extend_from_slice(&b),
+                // `send` refuses such text; an old row could still hold it.
+                None => tracing::warn!(
+                    contact = id,
+                    "a queued cleartext message cannot be carried in XML and was not sent"
+                ),
+            }
+        }
     }
     wr.write_all(&out).await.map_err(|e| e.to_string())?;
     wr.flush().await.map_err(|e| e.to_string())?;
@@ -630,6 +638,10 @@ mod tests {
             Some(("m1".to_string(), "1 < 2 & 'q'".to_string()))
         );
         assert!(chat_stanza("a@h", "b@h", "m1", "bell \u{7}").is_none());
+        // A peer whose instance name is no JID still gets the message.
+        let b = chat_stanza("a@h", "Fin User@@h", "m2", "hi").expect("stanza");
+        let el: Element = String::from_utf8(b).expect("utf8").parse().expect("parses");
+        assert_eq!(chat_body(&el).map(|(_, b)| b).as_deref(), Some("hi"));
     }
 
     #[test]
