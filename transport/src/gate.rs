@@ -45,6 +45,8 @@ pub const TICKET_PREFIX: &[u8] = b"cg1";
 pub const TICKET_LEN: usize = 3 + 4 + 12 + 16;
 /// Seconds per ticket window.
 pub const WINDOW_SECS: u64 = 300;
+/// How many ticket-shaped ALPN entries of one ClientHello are checked.
+pub const MAX_TICKETS_PER_HELLO: usize = 2;
 /// How many distinct nonces a listener remembers before it refuses new
 /// tickets (only tickets with a valid tag are remembered, so only contacts
 /// can fill it).
@@ -151,7 +153,12 @@ impl Gate {
     ) -> Result<(), Refusal> {
         let current = window_of(now);
         let mut worst = Refusal::Missing;
-        for t in alpn.filter(|p| p.len() == TICKET_LEN && p.starts_with(TICKET_PREFIX)) {
+        // A dialer sends one ticket; looking at more would let a ClientHello
+        // full of them cost hundreds of HMACs per listed key.
+        let tickets = alpn
+            .filter(|p| p.len() == TICKET_LEN && p.starts_with(TICKET_PREFIX))
+            .take(MAX_TICKETS_PER_HELLO);
+        for t in tickets {
             let (window, rest) = t[TICKET_PREFIX.len()..].split_at(4);
             let (nonce, tag) = rest.split_at(12);
             let mut w = [0u8; 4];
@@ -317,6 +324,20 @@ mod tests {
             g.check([t2.as_slice()].into_iter(), &[k], &b.peer_id(), NOW),
             Ok(())
         );
+    }
+
+    #[test]
+    fn only_the_first_tickets_of_a_hello_are_checked() {
+        let (a, b, c) = keys();
+        let k = GateKey::for_pair(&a, &b.peer_id()).expect("key");
+        let junk = GateKey::for_pair(&c, &b.peer_id()).expect("key");
+        let good = k.ticket(&b.peer_id(), NOW);
+        let bad: Vec<Vec<u8>> = (0..MAX_TICKETS_PER_HELLO)
+            .map(|_| junk.ticket(&b.peer_id(), NOW))
+            .collect();
+        let alpn = bad.iter().map(Vec::as_slice).chain([good.as_slice()]);
+        let r = Gate::default().check(alpn, std::slice::from_ref(&k), &b.peer_id(), NOW);
+        assert_eq!(r, Err(Refusal::Forged));
     }
 
     #[test]
