@@ -170,18 +170,19 @@ impl Presence {
             props,
         )
         .map_err(|e| format!("cannot build the _presence record: {e}"))?;
-        let p = Presence {
-            daemon: Arc::default(),
-            instance,
+        let parts = Parts {
+            own: instance.clone(),
             peers: Arc::default(),
             hook: Arc::default(),
+        };
+        let p = Presence {
+            daemon: Arc::new(std::sync::Mutex::new(Some(parts.fresh_daemon(&info)?))),
+            instance,
+            peers: parts.peers.clone(),
+            hook: parts.hook.clone(),
             stopped: Arc::default(),
         };
-        let first = p.fresh_daemon(&info)?;
-        if let Ok(mut d) = p.daemon.lock() {
-            *d = Some(first);
-        }
-        let (slot, stopped, me) = (p.daemon.clone(), p.stopped.clone(), p.clone_parts());
+        let (slot, stopped) = (p.daemon.clone(), p.stopped.clone());
         std::thread::Builder::new()
             .name("coterie-xep0174-recycle".into())
             .spawn(move || {
@@ -195,7 +196,7 @@ impl Presence {
                         continue;
                     }
                     since = std::time::Duration::ZERO;
-                    let Ok(new) = me.fresh_daemon(&info) else {
+                    let Ok(new) = parts.fresh_daemon(&info) else {
                         continue;
                     };
                     let old = match slot.lock() {
@@ -210,18 +211,6 @@ impl Presence {
             })
             .map_err(|e| e.to_string())?;
         Ok(p)
-    }
-
-    fn clone_parts(&self) -> Parts {
-        Parts {
-            own: self.instance.clone(),
-            peers: self.peers.clone(),
-            hook: self.hook.clone(),
-        }
-    }
-
-    fn fresh_daemon(&self, info: &ServiceInfo) -> Result<ServiceDaemon, String> {
-        self.clone_parts().fresh_daemon(info)
     }
 
     /// Sets the hook told of peers seen.

@@ -89,6 +89,11 @@ impl Compat {
         &self.presence.instance
     }
 
+    /// The classic peers seen on the LAN now, by instance name.
+    pub(crate) fn seen(&self) -> Vec<String> {
+        self.presence.instances()
+    }
+
     /// Withdraws our `_presence` record.
     pub(crate) fn withdraw(&self) {
         self.presence.stop();
@@ -250,13 +255,6 @@ pub(crate) async fn contact_for_send(
     let id = contact_for(shared, compat, &peer).await?;
     spawn_sender(shared, compat, id, peer.instance);
     Some(id)
-}
-
-/// The classic peers seen on the LAN now, by instance name.
-impl Compat {
-    pub(crate) fn seen(&self) -> Vec<String> {
-        self.presence.instances()
-    }
 }
 
 /// Finds or creates the cleartext contact for `p`.

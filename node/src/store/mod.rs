@@ -428,11 +428,6 @@ impl Store {
         tx.commit().ctx("commit")
     }
 
-    /// Whether any issued invite is still redeemable at `now`.
-    pub fn has_open_invites(&self, now: u64) -> Result<bool, StoreError> {
-        Ok(!self.open_invite_secrets(now)?.is_empty())
-    }
-
     /// The secrets of the invites still redeemable at `now`.
     pub fn open_invite_secrets(
         &self,
