@@ -85,6 +85,14 @@ enum Cmd {
         /// The plain XMPP port of the compatibility mode.
         #[arg(long, value_name = "PORT", default_value_t = coterie_node::runtime::compat::DEFAULT_PORT, requires = "danger_xep0174_compat")]
         compat_port: u16,
+        /// An arti configuration file (TOML: bridges, a private Tor network,
+        /// …). Without it, arti's defaults: the public Tor network.
+        #[arg(long, value_name = "FILE")]
+        tor_config: Option<PathBuf>,
+        /// No Tor: not reachable as an onion service, contacts reached only
+        /// on the LAN or at the addresses they announced.
+        #[arg(long, conflicts_with = "tor_config")]
+        no_tor: bool,
     },
     /// Send a message (queued durably if the contact is offline).
     Send {
@@ -534,6 +542,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                     stats: Default::default(),
                     cleartext_presence: None,
                     classic_peers: Vec::new(),
+                    tor: None,
                 })
             })?;
             match status {
@@ -554,6 +563,21 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                         );
                         for p in &s.peers {
                             println!("  {} via {} for {}s", p.name, p.transport, p.since_secs);
+                        }
+                        match &s.tor {
+                            Some(t) => {
+                                println!(
+                                    "Tor: {}% {}; onion service: {} ({} may read it)",
+                                    t.bootstrap_percent, t.phase, t.onion_service, t.authorized
+                                );
+                                if let Some(b) = &t.blocked {
+                                    println!("  Tor is stuck: {b}");
+                                }
+                                if let Some(e) = &t.error {
+                                    println!("  Tor problem: {e}");
+                                }
+                            }
+                            None => println!("Tor: off"),
                         }
                         if let Some(name) = &s.cleartext_presence {
                             println!(
@@ -660,6 +684,8 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
             lan_period,
             danger_xep0174_compat,
             compat_port,
+            tor_config,
+            no_tor,
         } => {
             if lan_period < 10 {
                 return Err(fail(2, "--lan-period must be at least 10 seconds"));
@@ -676,7 +702,8 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                     "DANGER: XEP-0174 compatibility mode. Your name is announced on the LAN in the clear, and chats with classic clients are NOT encrypted: anyone on the network can read them and pretend to be them. They are marked [cleartext]."
                 );
             }
-            run_node(dir, listen, advertise, lan, compat, out)
+            let tor = (!no_tor).then(|| tor_settings(dir, tor_config));
+            run_node(dir, listen, advertise, lan, compat, tor, out)
         }
         Cmd::Wipe { yes } => {
             if !Store::exists(dir) {
@@ -730,7 +757,18 @@ fn start(dir: &Path, out: &Out) -> Result<(), Fail> {
         };
         run(Cmd::Init { name }, dir, out)?;
     }
-    run_node(dir, Vec::new(), Vec::new(), None, None, out)
+    let tor = Some(tor_settings(dir, None));
+    run_node(dir, Vec::new(), Vec::new(), None, None, tor, out)
+}
+
+/// arti keeps its state and cache inside the profile (one Tor identity,
+/// guards included, per profile: profiles stay unlinkable).
+fn tor_settings(dir: &Path, config_file: Option<PathBuf>) -> transport::onion::TorSettings {
+    transport::onion::TorSettings {
+        state_dir: dir.join("tor").join("state"),
+        cache_dir: dir.join("tor").join("cache"),
+        config_file,
+    }
 }
 
 fn listen_addr(s: &str) -> Result<SocketAddr, String> {
@@ -747,6 +785,7 @@ fn run_node(
     advertise: Vec<String>,
     lan: Option<coterie_node::runtime::LanSettings>,
     compat: Option<coterie_node::runtime::CompatSettings>,
+    tor: Option<transport::onion::TorSettings>,
     out: &Out,
 ) -> Result<(), Fail> {
     if listen.is_empty() {
@@ -772,13 +811,14 @@ fn run_node(
     let store = open(dir)?;
     let rt = runtime()?;
     rt.block_on(async {
-        let cfg = NodeConfig { listen, advertise, control_socket: true, lan, compat, ..Default::default() };
+        let cfg = NodeConfig { listen, advertise, control_socket: true, lan, compat, tor, ..Default::default() };
         let mut node = Node::start(store, cfg).await.map_err(|e| {
             let code = match e {
                 coterie_node::runtime::StartError::Bind { .. } => 8,
                 coterie_node::runtime::StartError::Control { .. } => 7,
                 coterie_node::runtime::StartError::Lan(_) => 8,
                 coterie_node::runtime::StartError::Compat(_) => 8,
+                coterie_node::runtime::StartError::Tor(transport::onion::TorError::Config { .. }) => 2,
                 _ => 1,
             };
             fail(code, e.to_string())

@@ -12,6 +12,7 @@ pub mod netns;
 pub mod omemo_peer;
 pub mod prosody;
 pub mod raw;
+pub mod tornet;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -202,6 +203,13 @@ impl NodeProc {
             .arg("--json")
             .args(["run", "--listen", &format!("{host}:{}", self.port)])
             .args(extra)
+            // Never arti's defaults on these machines (they would reach the
+            // public Tor network): Tor only with the private network's file.
+            .args(
+                (!extra.contains(&"--tor-config"))
+                    .then_some("--no-tor")
+                    .into_iter(),
+            )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("COTERIE_PASSPHRASE", PASSPHRASE)
             .env(

@@ -7,9 +7,10 @@
 //!          node (XMPP stream, sessions)
 //!                     │  Authenticated { peer, carrier, io }
 //!        ┌────────────┼─────────────┐
-//!   TcpTransport  QuicTransport  MemoryTransport      (Tor: later, same TLS)
-//!   tokio-rustls  quinn          in-process pipes
-//!        └──── one TlsContext, one verifier module ───┘
+//!   TcpTransport  QuicTransport  OnionTransport  MemoryTransport
+//!   tokio-rustls  quinn          arti (TLS inside in-process pipes
+//!                                the onion stream)
+//!        └──────── one TlsContext, one verifier module ────────┘
 //! ```
 //!
 //! What this crate does **not** do: XML, message framing, retries, choosing
@@ -23,6 +24,7 @@
 pub mod gate;
 pub mod identity;
 pub mod memory;
+pub mod onion;
 pub mod quic;
 pub mod tcp;
 pub mod tls;
@@ -60,6 +62,8 @@ pub enum Carrier {
     Tcp,
     /// QUIC (TLS inside).
     Quic,
+    /// TLS inside a Tor onion-service stream (arti).
+    Onion,
     /// In-process pipes (tests).
     Memory,
 }
@@ -69,6 +73,7 @@ impl fmt::Display for Carrier {
         f.write_str(match self {
             Carrier::Tcp => "tcp",
             Carrier::Quic => "quic",
+            Carrier::Onion => "onion",
             Carrier::Memory => "memory",
         })
     }
@@ -81,6 +86,9 @@ pub enum PeerAddr {
     Tcp(SocketAddr),
     /// `quic:IP:PORT`
     Quic(SocketAddr),
+    /// `onion:<56 characters>.onion:PORT`: the onion service whose
+    /// address is this identity key.
+    Onion(PeerId, u16),
     /// `mem:NAME`
     Memory(String),
 }
@@ -91,6 +99,7 @@ impl PeerAddr {
         match self {
             PeerAddr::Tcp(_) => Carrier::Tcp,
             PeerAddr::Quic(_) => Carrier::Quic,
+            PeerAddr::Onion(..) => Carrier::Onion,
             PeerAddr::Memory(_) => Carrier::Memory,
         }
     }
@@ -101,6 +110,7 @@ impl fmt::Display for PeerAddr {
         match self {
             PeerAddr::Tcp(a) => write!(f, "tcp:{a}"),
             PeerAddr::Quic(a) => write!(f, "quic:{a}"),
+            PeerAddr::Onion(id, port) => write!(f, "onion:{}:{port}", id.onion_address()),
             PeerAddr::Memory(n) => write!(f, "mem:{n}"),
         }
     }
@@ -108,7 +118,9 @@ impl fmt::Display for PeerAddr {
 
 /// A string that is not a peer address.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("not a peer address: expected tcp:IP:PORT, quic:IP:PORT or mem:NAME")]
+#[error(
+    "not a peer address: expected tcp:IP:PORT, quic:IP:PORT, onion:ADDRESS.onion:PORT or mem:NAME"
+)]
 pub struct BadPeerAddr;
 
 impl FromStr for PeerAddr {
@@ -122,6 +134,12 @@ impl FromStr for PeerAddr {
             "quic" => parse_socket_addr(rest)
                 .map(PeerAddr::Quic)
                 .ok_or(BadPeerAddr),
+            "onion" => {
+                let (host, port) = rest.rsplit_once(':').ok_or(BadPeerAddr)?;
+                let id = PeerId::from_onion(host.strip_suffix(".onion").ok_or(BadPeerAddr)?)
+                    .map_err(|_| BadPeerAddr)?;
+                Ok(PeerAddr::Onion(id, port.parse().map_err(|_| BadPeerAddr)?))
+            }
             "mem" if !rest.is_empty() && rest.len() <= 64 => Ok(PeerAddr::Memory(rest.to_string())),
             _ => Err(BadPeerAddr),
         }
@@ -246,7 +264,23 @@ mod tests {
             let a: PeerAddr = s.parse().expect("parses");
             assert_eq!(a.to_string(), s);
         }
-        for bad in ["", "tcp:", "udp:1.2.3.4:5", "tcp:host:5", "mem:"] {
+        let key = SecretKey::from_seed(&[7; 32]).peer_id();
+        let onion = format!("onion:{}:7474", key.onion_address());
+        let a: PeerAddr = onion.parse().expect("onion address parses");
+        assert_eq!(a, PeerAddr::Onion(key, 7474));
+        assert_eq!(a.to_string(), onion);
+        let label = key.onion_label();
+        for bad in [
+            "",
+            "tcp:",
+            "udp:1.2.3.4:5",
+            "tcp:host:5",
+            "mem:",
+            &format!("onion:{label}:7474"),
+            &format!("onion:{label}.onion"),
+            &format!("onion:{label}.onion:99999"),
+            &format!("onion:a{}.onion:1", &label[1..]),
+        ] {
             assert_eq!(bad.parse::<PeerAddr>(), Err(BadPeerAddr), "{bad}");
         }
     }

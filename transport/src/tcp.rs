@@ -5,13 +5,13 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsAcceptor;
 
 use crate::GateKey;
-use crate::tls::{EXPORTER_LABEL, placeholder_server_name};
+use crate::tls;
 use crate::{
-    Authenticated, BoxFuture, Carrier, DialError, HANDSHAKE_TIMEOUT, MAX_CONCURRENT_HANDSHAKES,
-    PeerAddr, PeerId, PeerPolicy, TlsContext, Transport, channel_binding_from,
+    Authenticated, BoxFuture, Carrier, DialError, MAX_CONCURRENT_HANDSHAKES, PeerAddr, PeerId,
+    PeerPolicy, TlsContext, Transport,
 };
 
 /// Dials peers over TCP.
@@ -33,30 +33,14 @@ impl TcpTransport {
         gate: &GateKey,
     ) -> Result<Authenticated, DialError> {
         let cfg = Arc::new(self.tls.client_config(expected, gate)?);
-        let tcp = TcpStream::connect(addr)
+        // A stale LAN address must not hold the dialer for the kernel's
+        // two-minute SYN timeout: the onion service may be next in line.
+        let tcp = tokio::time::timeout(crate::HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
             .await
+            .map_err(|_| DialError::Unreachable(std::io::ErrorKind::TimedOut.into()))?
             .map_err(DialError::Unreachable)?;
         let _ = tcp.set_nodelay(true);
-        let tls = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            TlsConnector::from(cfg).connect(placeholder_server_name(), tcp),
-        )
-        .await
-        .map_err(|_| DialError::Timeout)?
-        .map_err(|e| DialError::Handshake(e.to_string()))?;
-        let (_, conn) = tls.get_ref();
-        let channel_binding = channel_binding_from(|out| {
-            conn.export_keying_material(out, EXPORTER_LABEL, None)
-                .map(|_| ())
-        })
-        .map_err(DialError::Handshake)?;
-        Ok(Authenticated {
-            peer: expected,
-            carrier: Carrier::Tcp,
-            remote: Some(addr),
-            channel_binding,
-            io: Box::new(tls),
-        })
+        tls::connect(cfg, tcp, Carrier::Tcp, Some(addr), expected).await
     }
 }
 
@@ -113,41 +97,9 @@ pub async fn serve(
         let out = out.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let res = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-            let tls = match res {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::debug!("inbound TLS handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!("inbound TLS handshake timed out");
-                    return;
-                }
-            };
-            let (_, conn) = tls.get_ref();
-            let Some(peer) = conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| PeerId::from_spki_der(c.as_ref()).ok())
-            else {
-                return;
-            };
-            let Ok(channel_binding) = channel_binding_from(|o| {
-                conn.export_keying_material(o, EXPORTER_LABEL, None)
-                    .map(|_| ())
-            }) else {
-                return;
-            };
-            let _ = out
-                .send(Authenticated {
-                    peer,
-                    carrier: Carrier::Tcp,
-                    remote: Some(remote),
-                    channel_binding,
-                    io: Box::new(tls),
-                })
-                .await;
+            if let Some(a) = tls::accept(&acceptor, tcp, Carrier::Tcp, Some(remote)).await {
+                let _ = out.send(a).await;
+            }
         });
     }
 }

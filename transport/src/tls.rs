@@ -174,3 +174,80 @@ pub(crate) fn placeholder_server_name() -> rustls::pki_types::ServerName<'static
         rustls::pki_types::Ipv4Addr::from([0, 0, 0, 0]),
     ))
 }
+
+/// Runs the client side of the handshake over `io` (already connected to
+/// the listener) and binds the result to this connection.
+pub(crate) async fn connect<IO>(
+    cfg: Arc<ClientConfig>,
+    io: IO,
+    carrier: crate::Carrier,
+    remote: Option<std::net::SocketAddr>,
+    expected: PeerId,
+) -> Result<crate::Authenticated, crate::DialError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    use crate::DialError;
+    let tls = tokio::time::timeout(
+        crate::HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsConnector::from(cfg).connect(placeholder_server_name(), io),
+    )
+    .await
+    .map_err(|_| DialError::Timeout)?
+    .map_err(|e| DialError::Handshake(e.to_string()))?;
+    let (_, conn) = tls.get_ref();
+    let channel_binding = crate::channel_binding_from(|out| {
+        conn.export_keying_material(out, EXPORTER_LABEL, None)
+            .map(|_| ())
+    })
+    .map_err(DialError::Handshake)?;
+    Ok(crate::Authenticated {
+        peer: expected,
+        carrier,
+        remote,
+        channel_binding,
+        io: Box::new(tls),
+    })
+}
+
+/// Runs the server side of the handshake over `io`, with the handshake
+/// deadline. `None` (logged at debug, without identifiers) if the dialer
+/// was refused, too slow, or broke the protocol.
+pub(crate) async fn accept<IO>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    io: IO,
+    carrier: crate::Carrier,
+    remote: Option<std::net::SocketAddr>,
+) -> Option<crate::Authenticated>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let tls = match tokio::time::timeout(crate::HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::debug!(%carrier, "inbound TLS handshake failed: {e}");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(%carrier, "inbound TLS handshake timed out");
+            return None;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    let peer = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| PeerId::from_spki_der(c.as_ref()).ok())?;
+    let channel_binding = crate::channel_binding_from(|o| {
+        conn.export_keying_material(o, EXPORTER_LABEL, None)
+            .map(|_| ())
+    })
+    .ok()?;
+    Some(crate::Authenticated {
+        peer,
+        carrier,
+        remote,
+        channel_binding,
+        io: Box::new(tls),
+    })
+}

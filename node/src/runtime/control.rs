@@ -145,6 +145,29 @@ pub struct StatusView {
     /// to one of them starts a cleartext chat).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub classic_peers: Vec<String>,
+    /// Tor, when the node runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tor: Option<TorView>,
+}
+
+/// Tor's state, as `status` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TorView {
+    /// Bootstrap progress, 0–100.
+    pub bootstrap_percent: u8,
+    /// What arti is doing.
+    pub phase: String,
+    /// Why bootstrapping is stuck, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
+    /// The onion service: `waiting for a first contact`, `Bootstrapping`,
+    /// `Running`, `DegradedReachable`, …
+    pub onion_service: String,
+    /// How many contacts and open invites may read the service's descriptor.
+    pub authorized: usize,
+    /// The last error, in words a person can act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Counters since start.
@@ -348,13 +371,25 @@ pub(crate) fn status(shared: &Arc<Shared>) -> StatusView {
         .keys()
         .map(|id| shared.store.outbox_len(*id).unwrap_or(0))
         .sum();
+    let tor = shared.tor.as_ref().map(|t| {
+        let s = t.status();
+        TorView {
+            bootstrap_percent: s.bootstrap_percent,
+            phase: s.phase,
+            blocked: s.blocked,
+            onion_service: s.service,
+            authorized: s.authorized,
+            error: s.error,
+        }
+    });
     StatusView {
+        tor,
         running: true,
         listening: shared
-            .advertised
-            .read()
-            .map(|a| a.iter().map(|a| a.to_string()).collect())
-            .unwrap_or_default(),
+            .reachable_at()
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
         peers,
         contacts: names.len(),
         queued,

@@ -57,6 +57,9 @@ pub struct NodeConfig {
     /// **Dangerous**: plain XEP-0174 presence and cleartext streams with
     /// classic link-local clients. Off unless the user asks.
     pub compat: Option<CompatSettings>,
+    /// Be reachable as an onion service and reach contacts' onion services
+    /// (arti). `None`: no Tor at all.
+    pub tor: Option<transport::onion::TorSettings>,
 }
 
 pub use compat::{CompatError, CompatSettings};
@@ -86,6 +89,9 @@ pub enum StartError {
     /// The XEP-0174 compatibility mode could not start.
     #[error(transparent)]
     Compat(#[from] CompatError),
+    /// Tor could not be set up (the configuration file is wrong, …).
+    #[error(transparent)]
+    Tor(#[from] transport::onion::TorError),
     /// The control socket could not be created.
     #[error("cannot create the control socket {path}: {source}")]
     Control {
@@ -177,6 +183,8 @@ pub(crate) struct Shared {
     pub(crate) key: SecretKey,
     /// The XEP-0174 compatibility mode, when on.
     pub(crate) compat: std::sync::OnceLock<Arc<compat::Compat>>,
+    /// arti, when Tor is on.
+    pub(crate) tor: Option<Arc<transport::onion::Tor>>,
     pub(crate) conns: Mutex<HashMap<u64, ConnEntry>>,
     pub(crate) session_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) kicks: Mutex<HashMap<u64, Arc<Notify>>>,
@@ -322,11 +330,66 @@ impl Shared {
                 let peers: Vec<PeerId> = map.keys().copied().collect();
                 d.set_contacts(&peers);
             }
+            if let Some(tor) = &self.tor {
+                self.refresh_tor(tor, &contacts, &map, &invites);
+            }
             if let Ok(mut m) = self.contacts.write() {
                 *m = map;
             }
             self.open_invites.store(open, Ordering::SeqCst);
         }
+    }
+}
+
+impl Shared {
+    /// Where contacts can reach this node: the advertised addresses and,
+    /// when Tor is on, the onion service (not advertised: it is the key).
+    pub(crate) fn reachable_at(&self) -> Vec<PeerAddr> {
+        let mut out = self
+            .advertised
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        if self.tor.is_some() {
+            out.push(PeerAddr::Onion(self.me, transport::onion::ONION_PORT));
+        }
+        out
+    }
+
+    /// Who may read our onion service's descriptor (contacts, open
+    /// invites), and the keys with which we read our contacts'.
+    fn refresh_tor(
+        &self,
+        tor: &Arc<transport::onion::Tor>,
+        contacts: &[crate::store::Contact],
+        admitted: &HashMap<PeerId, u64>,
+        invites: &[zeroize::Zeroizing<[u8; 32]>],
+    ) {
+        use transport::onion::DiscoveryKeys;
+        let mut authorized: Vec<_> = admitted
+            .keys()
+            .filter_map(|p| DiscoveryKeys::for_pair(&self.key, p, &self.me))
+            .map(|k| k.public())
+            .collect();
+        authorized.extend(
+            invites
+                .iter()
+                .map(|i| DiscoveryKeys::for_invite(i).public()),
+        );
+        tor.authorize(&authorized);
+        let reading: Vec<(PeerId, DiscoveryKeys)> = contacts
+            .iter()
+            .filter_map(|c| {
+                let p = PeerId::from_bytes(c.peer).ok()?;
+                let k = match &c.state {
+                    ContactState::Active => DiscoveryKeys::for_pair(&self.key, &self.me, &p)?,
+                    ContactState::Redeeming { secret, .. } => DiscoveryKeys::for_invite(secret),
+                    ContactState::Refused { .. } | ContactState::Cleartext { .. } => return None,
+                };
+                Some((p, k))
+            })
+            .collect();
+        tor.set_discovery_keys(&reading);
     }
 }
 
@@ -368,6 +431,15 @@ impl Node {
         if let Some((net, _)) = &cfg.memory {
             transports.push(Arc::new(net.transport(me)));
         }
+        let tor = match &cfg.tor {
+            Some(settings) => {
+                let config = transport::onion::load_config(settings)?;
+                let tor = transport::onion::Tor::start(config, &key, tls.clone())?;
+                transports.push(Arc::new(tor.transport()));
+                Some(tor)
+            }
+            None => None,
+        };
         let shared = Arc::new_cyclic(|_| Shared {
             store: store.clone(),
             me,
@@ -378,6 +450,7 @@ impl Node {
             gate_keys: RwLock::new(Arc::new([])),
             key: key.clone(),
             compat: std::sync::OnceLock::new(),
+            tor: tor.clone(),
             conns: Mutex::new(HashMap::new()),
             session_locks: Mutex::new(HashMap::new()),
             kicks: Mutex::new(HashMap::new()),
@@ -448,6 +521,11 @@ impl Node {
                 }
             });
         }
+        if let Some(tor) = &tor {
+            // Not among the advertised addresses: the onion address is the
+            // key itself, which every contact already has.
+            tor.serve(policy.clone(), acc_tx.clone());
+        }
         drop(acc_tx);
         let advertised = if cfg.advertise.is_empty() {
             bound.clone()
@@ -500,13 +578,9 @@ impl Node {
         self.shared.me
     }
 
-    /// The addresses contacts are told.
+    /// The addresses contacts are told, and the onion service when Tor is on.
     pub fn advertised(&self) -> Vec<PeerAddr> {
-        self.shared
-            .advertised
-            .read()
-            .map(|a| a.clone())
-            .unwrap_or_default()
+        self.shared.reachable_at()
     }
 
     /// Events about messages and sessions. A slow subscriber misses events
