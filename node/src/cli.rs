@@ -61,6 +61,15 @@ enum Cmd {
     },
     /// List contacts and their state.
     Contacts,
+    /// Remove a contact: their node is refused from then on, and the
+    /// history and queued messages with them are deleted.
+    Remove {
+        /// Contact name or fingerprint prefix.
+        contact: String,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Run the node in the foreground.
     Run {
         /// Listen on ADDR (TCP and QUIC). Repeatable. Default 127.0.0.1:7474.
@@ -628,6 +637,35 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                         v.contact, d.device, d.trust, d.fingerprint
                     );
                 }
+            }
+            Ok(())
+        }
+        Cmd::Remove { contact, yes } => {
+            if !yes {
+                eprint!(
+                    "Remove {contact} and delete every message with them? Their node will be refused. Type `remove` to confirm: "
+                );
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .map_err(|e| fail(2, e.to_string()))?;
+                if line.trim() != "remove" {
+                    return Err(fail(2, "not confirmed; nothing was removed"));
+                }
+            }
+            let rt = runtime()?;
+            let v: ops::RemovedView = via_node_or_store(
+                &rt,
+                dir,
+                &Request::Remove {
+                    contact: contact.clone(),
+                },
+                |s| Ok(ops::remove(s, &contact)?.1),
+            )?;
+            if out.json {
+                out.json(&v);
+            } else {
+                println!("Removed {} and {} messages.", v.removed, v.messages);
             }
             Ok(())
         }

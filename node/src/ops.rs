@@ -331,6 +331,30 @@ pub fn find_contact(store: &Store, sel: &str) -> Result<Contact, OpError> {
     }
 }
 
+/// What `coterie remove` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedView {
+    /// The contact's local name.
+    pub removed: String,
+    /// Messages deleted with it (history and queue).
+    pub messages: u64,
+}
+
+/// `coterie remove`: forgets a contact and everything kept for it. Their
+/// node is refused from then on (TLS policy, gate, onion descriptor).
+pub fn remove(store: &Store, sel: &str) -> Result<(u64, RemovedView), OpError> {
+    let c = find_contact(store, sel)?;
+    let messages = store.history(c.id, usize::MAX)?.len() as u64 + store.outbox_len(c.id)?;
+    store.remove_contact(c.id)?;
+    Ok((
+        c.id,
+        RemovedView {
+            removed: c.name,
+            messages,
+        },
+    ))
+}
+
 /// `coterie send`: stores the message durably and queues it.
 pub fn send(
     store: &Store,

@@ -96,6 +96,8 @@ async fn edit_contact(
 pub(crate) enum ConnCmd {
     /// New stanzas are queued in the store.
     OutboxGrew,
+    /// The contact was removed: end the stream.
+    Close,
 }
 
 fn status_of(e: &RedeemError) -> u8 {
@@ -751,7 +753,7 @@ async fn read_loop(
             }
             cmd = cmd_rx.recv() => match cmd {
                 Some(ConnCmd::OutboxGrew) => send_outbox(shared, &mut session, contact, &mut flow).await?,
-                None => {
+                Some(ConnCmd::Close) | None => {
                     session.close();
                     let _ = write_out(&mut session, wtx);
                     return Ok(());

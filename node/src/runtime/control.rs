@@ -37,6 +37,11 @@ pub enum Request {
     },
     /// List contacts.
     Contacts,
+    /// Remove a contact.
+    Remove {
+        /// Name or fingerprint prefix.
+        contact: String,
+    },
     /// Send a message.
     Send {
         /// Name or fingerprint prefix.
@@ -248,6 +253,7 @@ async fn dispatch(shared: &Arc<Shared>, req: Request, stop: &watch::Sender<bool>
             Request::Add { uri, name } => json(do_add(shared, &uri, name.as_deref()).await?),
             Request::Contacts => json(contacts(shared).await?),
             Request::Send { contact, text } => json(do_send(shared, &contact, &text).await?),
+            Request::Remove { contact } => json(do_remove(shared, &contact).await?),
             Request::History { contact, limit } => {
                 json(db(&shared.store, move |s| ops::history(s, &contact, limit)).await??)
             }
@@ -304,6 +310,17 @@ pub(crate) async fn do_add(
     })
     .await??;
     shared.refresh_policy().await;
+    Ok(v)
+}
+
+pub(crate) async fn do_remove(
+    shared: &Arc<Shared>,
+    contact: &str,
+) -> Result<ops::RemovedView, OpError> {
+    let sel = contact.to_string();
+    let (id, v) = db(&shared.store, move |s| ops::remove(s, &sel)).await??;
+    shared.refresh_policy().await;
+    shared.close_session(id);
     Ok(v)
 }
 

@@ -282,6 +282,17 @@ impl Shared {
             .contains_key(&contact)
     }
 
+    /// Ends the live session with `contact`, if any (a removed contact).
+    pub(crate) fn close_session(&self, contact: u64) {
+        let cmd = {
+            let c = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            c.get(&contact).map(|e| e.cmd.clone())
+        };
+        if let Some(tx) = cmd {
+            let _ = tx.try_send(conn::ConnCmd::Close);
+        }
+    }
+
     /// Tells the session task for `contact` (if any) that the outbox grew,
     /// or wakes its dialer.
     pub(crate) fn outbox_grew(&self, contact: u64) {

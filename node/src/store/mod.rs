@@ -414,6 +414,28 @@ impl Store {
         tx.commit().ctx("commit")
     }
 
+    /// Removes a contact and everything kept for it: messages, queued
+    /// stanzas, stream state, OMEMO devices, sessions and bundles. One
+    /// transaction: a crash leaves the contact whole or gone.
+    pub fn remove_contact(&self, id: u64) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().ctx("write")?;
+        let existed;
+        {
+            let mut t = tx.open_table(CONTACTS).ctx("open contacts")?;
+            existed = t.remove(id).ctx("remove contact")?.is_some();
+            let mut p = tx.open_table(PEERS).ctx("open peers")?;
+            p.remove(id).ctx("remove peer state")?;
+            for table in [MESSAGES, OUTBOX] {
+                let mut m = tx.open_table(table).ctx("open messages")?;
+                m.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
+                    .ctx("remove messages")?;
+            }
+            omemo::forget_contact(&tx, id)?;
+        }
+        tx.commit().ctx("commit")?;
+        Ok(existed)
+    }
+
     // ---- invites ----
 
     /// Records an invite we issued.

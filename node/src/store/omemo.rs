@@ -21,6 +21,14 @@ use crate::omemo::{Identity, OmemoError, OwnDevice, Session, SessionSlot, Versio
 pub(super) const OMEMO: TableDefinition<u64, &[u8]> = TableDefinition::new("omemo");
 const BUNDLE_ROWS: u64 = 1 << 62;
 
+/// Deletes contact `id`'s devices, sessions and bundles inside `tx`.
+pub(super) fn forget_contact(tx: &redb::WriteTransaction, id: u64) -> Result<(), StoreError> {
+    let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
+    t.remove(id).ctx("remove omemo sessions")?;
+    t.remove(BUNDLE_ROWS | id).ctx("remove omemo bundles")?;
+    Ok(())
+}
+
 /// Devices kept per contact; messages from and bundles of further devices
 /// are refused.
 pub const MAX_CONTACT_DEVICES: usize = 16;

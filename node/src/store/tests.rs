@@ -87,6 +87,32 @@ fn one_key_is_one_contact() {
 }
 
 #[test]
+fn removing_a_contact_removes_everything_kept_for_it_and_nothing_else() {
+    let (_d, s) = new_store();
+    let a = s.add_contact(contact(1)).expect("add a");
+    let b = s.add_contact(contact(2)).expect("add b");
+    for c in [a, b] {
+        s.queue_outgoing(c, "queued", 5).expect("queue");
+        s.queue_outgoing(c, "another", 6).expect("queue");
+    }
+    assert!(s.remove_contact(b).expect("remove"));
+    assert!(!s.remove_contact(b).expect("again"), "already gone");
+    assert!(s.contact(b).expect("read").is_none());
+    assert!(s.history(b, 10).expect("history").is_empty());
+    assert_eq!(s.outbox_len(b).expect("outbox"), 0);
+    assert_eq!(
+        s.history(a, 10).expect("history").len(),
+        2,
+        "a is untouched"
+    );
+    assert_eq!(s.outbox_len(a).expect("outbox"), 2);
+    // The key can be a contact again, starting from nothing.
+    let b2 = s.add_contact(contact(2)).expect("re-add");
+    assert!(s.history(b2, 10).expect("history").is_empty());
+    assert_eq!(s.outbox_len(b2).expect("outbox"), 0);
+}
+
+#[test]
 fn outgoing_messages_go_queued_sent_delivered() {
     let (_d, s) = new_store();
     let c = s.add_contact(contact(1)).expect("add");
