@@ -227,7 +227,6 @@ pub struct TorStatus {
 
 struct Service {
     running: Arc<RunningOnionService>,
-    config: OnionServiceConfigBuilder,
 }
 
 /// A Tor client (arti) with, once it has contacts, the node's onion service.
@@ -288,6 +287,7 @@ impl Tor {
             discovery: Mutex::new(Default::default()),
         });
         tokio::spawn(bootstrap_loop(Arc::downgrade(&tor)));
+        tokio::spawn(stall_watch(Arc::downgrade(&tor.status)));
         tokio::spawn(watch_bootstrap(
             tor.client.bootstrap_events(),
             Arc::downgrade(&tor.status),
@@ -339,47 +339,50 @@ impl Tor {
         }
         lock(&self.status).authorized = keys.len();
         let mut svc = lock(&self.service);
-        if let Some(s) = svc.as_mut() {
-            if keys.is_empty() {
-                // arti cannot publish a restricted service with no keys; the
-                // last list stays (the TLS policy refuses removed contacts).
-                return;
-            }
-            let built = match cfg.build() {
-                Ok(b) => b,
-                Err(e) => return self.fail(format!("onion service configuration: {e}")),
+        if keys.is_empty() {
+            // arti cannot publish a restricted service with no keys, and
+            // with no contacts nobody should reach it: withdraw it.
+            let was = svc.take().is_some();
+            lock(&self.status).service = if was {
+                "withdrawn: no contacts".into()
+            } else {
+                "waiting for a first contact".into()
             };
+            return;
+        }
+        let built = match cfg.build() {
+            Ok(b) => b,
+            Err(e) => return self.fail(format!("onion service configuration: {e}")),
+        };
+        if let Some(s) = svc.as_mut() {
             if let Err(e) = s
                 .running
                 .reconfigure(built, tor_config::Reconfigure::WarnOnFailures)
             {
                 self.fail(format!("cannot update the onion service's contacts: {e}"));
             }
-            s.config = cfg;
             return;
         }
-        if keys.is_empty() {
-            lock(&self.status).service = "waiting for a first contact".into();
-            return;
-        }
-        let Some(hsid) = lock(&self.hsid).take() else {
-            return;
+        // The identity key goes into arti's (in-memory) keystore at the
+        // first launch; a relaunch finds it there.
+        let launched = match lock(&self.hsid).take() {
+            Some(hsid) => self
+                .client
+                .launch_onion_service_with_hsid(built, hsid)
+                .map(|o| o.map(|(r, s)| (r, s.boxed()))),
+            None => self
+                .client
+                .launch_onion_service(built)
+                .map(|o| o.map(|(r, s)| (r, s.boxed()))),
         };
-        let built = match cfg.build() {
-            Ok(b) => b,
-            Err(e) => return self.fail(format!("onion service configuration: {e}")),
-        };
-        match self.client.launch_onion_service_with_hsid(built, hsid) {
+        match launched {
             Ok(Some((running, requests))) => {
                 tokio::spawn(watch_service(
                     running.status_events(),
                     Arc::downgrade(&self.status),
                 ));
                 tokio::spawn(accept_loop(Arc::downgrade(self), requests));
-                *svc = Some(Service {
-                    running,
-                    config: cfg,
-                });
+                *svc = Some(Service { running });
             }
             Ok(None) => self.fail("the onion service is disabled in the Tor configuration".into()),
             Err(e) => self.fail(format!("cannot start the onion service: {}", report(&e))),
@@ -424,6 +427,20 @@ impl Tor {
                 Err(e) => tracing::warn!("cannot give arti a discovery key: {}", report(&e)),
             }
         }
+    }
+
+    /// Opens a bare onion stream to `peer`'s service, without TLS
+    /// (diagnostics and the benchmark's baseline).
+    pub async fn connect_raw(
+        &self,
+        peer: &PeerId,
+        port: u16,
+    ) -> Result<arti_client::DataStream, arti_client::Error> {
+        let mut prefs = StreamPrefs::new();
+        prefs.connect_to_onion_services(tor_config::BoolOrAuto::Explicit(true));
+        self.client
+            .connect_with_prefs((peer.onion_address(), port), &prefs)
+            .await
     }
 
     fn fail(&self, why: String) {
@@ -477,6 +494,37 @@ async fn bootstrap_loop(tor: std::sync::Weak<Tor>) {
         backoff = (backoff * 2).min(Duration::from_secs(300));
     }
 }
+
+/// arti keeps retrying on its own without calling a stall an error; a
+/// person needs to hear that Tor is not connecting, and what to try.
+async fn stall_watch(status: std::sync::Weak<Mutex<TorStatus>>) {
+    let started = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(STALL_CHECK).await;
+        let Some(s) = status.upgrade() else { return };
+        let mut s = lock(&s);
+        if s.bootstrap_percent >= 100 {
+            return;
+        }
+        let ours = s
+            .error
+            .as_deref()
+            .is_none_or(|e| e.starts_with(STALL_PREFIX));
+        if started.elapsed() >= STALLED_AFTER && ours {
+            s.error = Some(format!(
+                "{STALL_PREFIX} after {} s (stuck at {}%: {}); still retrying. Check the network; where Tor is blocked, give bridges with --tor-config. The LAN works meanwhile.",
+                started.elapsed().as_secs(),
+                s.bootstrap_percent,
+                s.phase
+            ));
+        }
+    }
+}
+
+const STALL_PREFIX: &str = "Tor has not connected";
+/// How long bootstrapping may take before the status calls it a problem.
+const STALLED_AFTER: Duration = Duration::from_secs(30);
+const STALL_CHECK: Duration = Duration::from_secs(5);
 
 async fn watch_bootstrap(
     mut events: arti_client::status::BootstrapEvents,
@@ -584,16 +632,10 @@ impl OnionTransport {
             ));
         }
         let cfg = Arc::new(self.tor.tls.client_config(expected, gate)?);
-        let mut prefs = StreamPrefs::new();
-        prefs.connect_to_onion_services(tor_config::BoolOrAuto::Explicit(true));
-        let target = (id.onion_address(), port);
-        let stream = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            self.tor.client.connect_with_prefs(target, &prefs),
-        )
-        .await
-        .map_err(|_| DialError::Unreachable(std::io::ErrorKind::TimedOut.into()))?
-        .map_err(|e| DialError::Unreachable(std::io::Error::other(report(&e))))?;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.tor.connect_raw(&id, port))
+            .await
+            .map_err(|_| DialError::Unreachable(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(|e| DialError::Unreachable(std::io::Error::other(report(&e))))?;
         tls::connect(cfg, stream, Carrier::Onion, None, expected).await
     }
 }

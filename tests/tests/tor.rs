@@ -1,0 +1,284 @@
+//! Onion services on the private Tor network (tests/src/tornet.rs): nodes
+//! reach each other only through arti, the service admits only contacts,
+//! and Tor trouble never stops the LAN.
+//!
+//! Every node here runs inside a namespace: the Tor network's (only `lo`)
+//! or a test LAN's. arti is always pointed at the private network.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use coterie_tests::netns::{Host, Lan};
+use coterie_tests::tornet::TorNet;
+use coterie_tests::{NodeProc, texts, tool, wait_for};
+use serde_json::Value;
+
+/// A node host inside the Tor network's namespace.
+fn tor_host(tor: &TorNet) -> Host {
+    Host {
+        ns: tor.ns().to_string(),
+        ip: Ipv4Addr::LOCALHOST,
+        ip6: Ipv6Addr::UNSPECIFIED,
+        v6_only: false,
+    }
+}
+
+/// Starts `n` with Tor on the private network. Its only advertised
+/// address is a closed port, so contacts can reach it only as an onion
+/// service.
+fn start_on_tor(n: &mut NodeProc, tor: &TorNet) {
+    let cfg = tor.arti_config().to_str().expect("utf-8 path").to_string();
+    n.start_with(&["--tor-config", &cfg, "--advertise", "tcp:127.0.0.1:9"]);
+}
+
+fn tor_status(n: &NodeProc) -> Value {
+    n.status()["tor"].clone()
+}
+
+fn peer_transport(n: &NodeProc, contact: &str) -> Option<String> {
+    n.status()["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == contact)
+        .and_then(|p| p["transport"].as_str().map(str::to_string))
+}
+
+fn delivered(n: &NodeProc, contact: &str, body: &str) -> bool {
+    texts(n, contact)
+        .iter()
+        .any(|(d, b, s)| d == "out" && b == body && s == "delivered")
+}
+
+fn received(n: &NodeProc, contact: &str, body: &str) -> bool {
+    texts(n, contact)
+        .iter()
+        .any(|(d, b, _)| d == "in" && b == body)
+}
+
+/// Runs the stranger's probe against `onion` from inside the network.
+fn probe(tor: &TorNet, onion: &str, extra: &[&str]) -> Value {
+    let work = tempfile::tempdir().expect("tmp");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", tor.ns()])
+        .arg(tool("onion-probe"))
+        .arg(tor.arti_config())
+        .arg(work.path())
+        .arg(onion)
+        .args(extra)
+        .output()
+        .expect("run onion-probe");
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim()).unwrap_or_else(|e| {
+        panic!(
+            "onion-probe printed {line:?} ({e}); stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn contacts_reach_each_other_only_through_onion_services() {
+    let tor = TorNet::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut alice = NodeProc::init(tmp.path(), "alice");
+    let mut bob = NodeProc::init(tmp.path(), "bob");
+    alice.netns = Some(tor_host(&tor));
+    bob.netns = Some(tor_host(&tor));
+    let started = Instant::now();
+    start_on_tor(&mut alice, &tor);
+    start_on_tor(&mut bob, &tor);
+
+    // The address in `coterie id` is the onion service contacts dial.
+    let id = &alice.cli(&["id"]).json[0];
+    let onion = id["onion"].as_str().expect("onion").to_string();
+    let listening = alice.status()["listening"].clone();
+    assert!(
+        listening
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|a| a.as_str() == Some(&format!("onion:{onion}:7474"))),
+        "{listening}"
+    );
+    // No contact yet: no descriptor anyone could read.
+    wait_for("Tor to bootstrap", Duration::from_secs(60), || {
+        (tor_status(&alice)["bootstrap_percent"] == 100).then_some(())
+    });
+    let t = tor_status(&alice);
+    assert_eq!(t["onion_service"], "waiting for a first contact", "{t}");
+    assert_eq!(t["authorized"], 0, "{t}");
+
+    // An open invite admits its holder's discovery key.
+    let uri = alice.invite();
+    assert_eq!(tor_status(&alice)["authorized"], 1);
+    bob.add(&uri, "alice");
+    wait_for(
+        "bob to redeem alice's invite over Tor",
+        Duration::from_secs(180),
+        || (alice.connected_to("bob") && bob.connected_to("alice")).then_some(()),
+    );
+    let first_contact = started.elapsed();
+    assert_eq!(peer_transport(&alice, "bob").as_deref(), Some("onion"));
+    assert_eq!(peer_transport(&bob, "alice").as_deref(), Some("onion"));
+    // The invite is used: bob's pair key replaces it.
+    assert_eq!(tor_status(&alice)["authorized"], 1);
+    assert_eq!(tor_status(&bob)["authorized"], 1);
+    eprintln!("run → first contact over Tor: {first_contact:?}");
+
+    for i in 0..5 {
+        alice.send("bob", &format!("over tor a{i}"));
+        bob.send("alice", &format!("over tor b{i}"));
+    }
+    wait_for("messages both ways", Duration::from_secs(60), || {
+        (0..5)
+            .all(|i| {
+                delivered(&alice, "bob", &format!("over tor a{i}"))
+                    && delivered(&bob, "alice", &format!("over tor b{i}"))
+                    && received(&alice, "bob", &format!("over tor b{i}"))
+            })
+            .then_some(())
+    });
+
+    // A stranger who knows the address cannot read the descriptor, with no
+    // key or with a key alice never authorized: it learns nothing about
+    // whether alice is online.
+    let stranger = probe(&tor, &onion, &[]);
+    assert_eq!(stranger["ok"], false, "{stranger}");
+    assert_eq!(
+        stranger["kind"], "OnionServiceMissingClientAuth",
+        "{stranger}"
+    );
+    let wrong = probe(&tor, &onion, &["--wrong-key"]);
+    assert_eq!(wrong["ok"], false, "{wrong}");
+    assert_eq!(wrong["kind"], "OnionServiceWrongClientAuth", "{wrong}");
+
+    // Adding and removing contacts updates the authorized set.
+    let _second = alice.invite();
+    assert_eq!(tor_status(&alice)["authorized"], 2);
+    let removed = alice.cli(&["remove", "bob", "--yes"]);
+    assert_eq!(removed.code, 0, "{}", removed.stderr);
+    assert_eq!(tor_status(&alice)["authorized"], 1, "only the open invite");
+    wait_for(
+        "the session with bob to end",
+        Duration::from_secs(10),
+        || (!alice.connected_to("bob") && !bob.connected_to("alice")).then_some(()),
+    );
+    // bob keeps dialling (his side still lists alice); alice refuses him.
+    let refused_before = alice.status()["stats"]["gate_refused"]
+        .as_u64()
+        .unwrap_or(0)
+        + alice.status()["stats"]["tls_refused"].as_u64().unwrap_or(0);
+    bob.send("alice", "after removal");
+    std::thread::sleep(Duration::from_secs(15));
+    assert!(!bob.connected_to("alice"), "a removed contact got back in");
+    assert!(
+        !delivered(&bob, "alice", "after removal"),
+        "a removed contact delivered a message"
+    );
+    let refused_after = alice.status()["stats"]["gate_refused"]
+        .as_u64()
+        .unwrap_or(0)
+        + alice.status()["stats"]["tls_refused"].as_u64().unwrap_or(0);
+    eprintln!(
+        "alice refused bob {} times after removal",
+        refused_after - refused_before
+    );
+    alice.stop();
+    bob.stop();
+}
+
+#[test]
+fn without_a_tor_network_the_status_says_so_and_the_lan_keeps_working() {
+    // The LAN namespaces have no route anywhere: arti's relays (from a
+    // configuration naming a network that is not there) are unreachable.
+    let lan = Lan::new(2);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = tmp.path().join("arti.toml");
+    std::fs::write(
+        &cfg,
+        "[tor_network]\n\
+         fallback_caches = [ { rsa_identity = \"0000000000000000000000000000000000000000\", ed_identity = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\", orports = [\"127.0.0.1:1\"] } ]\n\
+         [tor_network.authorities]\n\
+         v3idents = [\"0000000000000000000000000000000000000000\"]\n",
+    )
+    .expect("write config");
+    let cfg = cfg.to_str().expect("utf-8").to_string();
+    let mut nodes = Vec::new();
+    for (i, name) in ["alice", "bob"].iter().enumerate() {
+        let mut n = NodeProc::init(tmp.path(), name);
+        n.netns = Some(lan.hosts[i].clone());
+        n.start_with(&["--lan", "--tor-config", &cfg]);
+        nodes.push(n);
+    }
+    let (alice, bob) = (&nodes[0], &nodes[1]);
+    coterie_tests::introduce(alice, bob);
+    assert_eq!(peer_transport(alice, "bob").as_deref(), Some("tcp"));
+    alice.send("bob", "the lan works without tor");
+    wait_for("a LAN message", Duration::from_secs(20), || {
+        received(bob, "alice", "the lan works without tor").then_some(())
+    });
+    let t = wait_for("Tor to report the problem", Duration::from_secs(60), || {
+        let t = tor_status(alice);
+        (t["blocked"].is_string() || t["error"].is_string()).then_some(t)
+    });
+    assert!(
+        t["bootstrap_percent"].as_u64().expect("percent") < 100,
+        "{t}"
+    );
+    let text = String::from_utf8(
+        std::process::Command::new(coterie_tests::coterie_bin())
+            .arg("--profile")
+            .arg(&alice.dir)
+            .arg("status")
+            .env("COTERIE_PASSPHRASE", coterie_tests::PASSPHRASE)
+            .output()
+            .expect("status")
+            .stdout,
+    )
+    .expect("utf-8");
+    assert!(text.contains("Tor:"), "{text}");
+    assert!(
+        text.contains("Tor is stuck") || text.contains("Tor problem"),
+        "{text}"
+    );
+    for mut n in nodes {
+        n.stop();
+    }
+}
+
+#[test]
+fn a_bad_tor_config_file_stops_the_start_with_a_clear_message() {
+    // Inside a namespace with no route out, so that even a regression that
+    // started arti with the file could not reach the public network.
+    let lan = Lan::new(1);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let n = NodeProc::init(tmp.path(), "alice");
+    let cfg = tmp.path().join("typo.toml");
+    std::fs::write(&cfg, "[bridges]\nenabeld = true\n").expect("write");
+    let run = |file: &str| {
+        let out = lan
+            .command(0, coterie_tests::coterie_bin())
+            .arg("--profile")
+            .arg(&n.dir)
+            .args(["run", "--listen", "127.0.0.1:0", "--tor-config", file])
+            .env("COTERIE_PASSPHRASE", coterie_tests::PASSPHRASE)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run coterie");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(cfg.to_str().expect("utf-8"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("enabeld") && err.contains("typo.toml"),
+        "{err}"
+    );
+    let (code, err) = run("/nonexistent/arti.toml");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no such file"), "{err}");
+}
