@@ -205,11 +205,7 @@ impl NodeProc {
             .args(extra)
             // Never arti's defaults on these machines (they would reach the
             // public Tor network): Tor only with the private network's file.
-            .args(
-                (!extra.contains(&"--tor-config"))
-                    .then_some("--no-tor")
-                    .into_iter(),
-            )
+            .args((!extra.contains(&"--tor-config")).then_some("--no-tor"))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("COTERIE_PASSPHRASE", PASSPHRASE)
             .env(
