@@ -179,6 +179,46 @@ impl Lan {
         lan
     }
 
+    /// Gives the bridge an address on the LAN's subnet (`.1`, a router the
+    /// hosts reach over `eth0`) and returns its namespace and address. A
+    /// service started there (the private Tor network) is reachable from
+    /// every host, and stays reachable while [`Lan::cut`] separates hosts.
+    pub fn router(&self) -> (String, Ipv4Addr) {
+        let h = self.hosts.first().expect("a LAN has hosts");
+        assert!(!h.v6_only, "the router is IPv4");
+        let o = h.ip.octets();
+        let r = Ipv4Addr::new(o[0], o[1], o[2], 1);
+        ip(&[
+            "-n",
+            &self.bridge,
+            "addr",
+            "add",
+            &format!("{r}/24"),
+            "dev",
+            "br0",
+        ])
+        .expect("router address");
+        ip(&["-n", &self.bridge, "link", "set", "lo", "up"]).expect("router lo");
+        (self.bridge.clone(), r)
+    }
+
+    /// Cuts the direct path between hosts `a` and `b` (each drops what it
+    /// would send the other); the router stays reachable.
+    pub fn cut(&self, a: usize, b: usize) {
+        for (x, y) in [(a, b), (b, a)] {
+            let dst = format!("{}/32", self.hosts[y].ip);
+            ip(&["-n", &self.hosts[x].ns, "route", "add", "blackhole", &dst]).expect("cut");
+        }
+    }
+
+    /// Restores the path [`Lan::cut`] removed.
+    pub fn heal(&self, a: usize, b: usize) {
+        for (x, y) in [(a, b), (b, a)] {
+            let dst = format!("{}/32", self.hosts[y].ip);
+            ip(&["-n", &self.hosts[x].ns, "route", "del", "blackhole", &dst]).expect("heal");
+        }
+    }
+
     /// A command run inside `host`'s namespace.
     pub fn command(&self, host: usize, program: &std::path::Path) -> Command {
         let mut c = Command::new("ip");

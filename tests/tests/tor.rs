@@ -282,3 +282,122 @@ fn a_bad_tor_config_file_stops_the_start_with_a_clear_message() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("no such file"), "{err}");
 }
+
+/// Both ends' view of the path between alice and bob.
+fn path(alice: &NodeProc, bob: &NodeProc) -> (Option<String>, Option<String>) {
+    (peer_transport(alice, "bob"), peer_transport(bob, "alice"))
+}
+
+fn on_lan(t: &Option<String>) -> bool {
+    matches!(t.as_deref(), Some("tcp" | "quic"))
+}
+
+#[test]
+fn the_session_moves_between_lan_and_tor_without_losing_or_repeating_a_message() {
+    // The Tor network runs on the LAN's router, so the onion path survives
+    // a cut of the direct path between the two hosts.
+    let lan = Lan::new(2);
+    let (router_ns, router_ip) = lan.router();
+    let tor = TorNet::builder()
+        .in_namespace(&router_ns, router_ip)
+        .start();
+    let cfg = tor.arti_config().to_str().expect("utf-8").to_string();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut nodes = Vec::new();
+    for (i, name) in ["alice", "bob"].iter().enumerate() {
+        let mut n = NodeProc::init(tmp.path(), name);
+        n.netns = Some(lan.hosts[i].clone());
+        n.start_with(&["--lan", "--tor-config", &cfg]);
+        nodes.push(n);
+    }
+    let (alice, bob) = (&nodes[0], &nodes[1]);
+    coterie_tests::introduce(alice, bob);
+    assert!(
+        on_lan(&peer_transport(alice, "bob")),
+        "{:?}",
+        path(alice, bob)
+    );
+    // Both onion services are published before the first cut.
+    wait_for("both onion services", Duration::from_secs(90), || {
+        [alice, bob]
+            .iter()
+            .all(|n| {
+                let t = tor_status(n);
+                t["bootstrap_percent"] == 100 && t["authorized"] == 1
+            })
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+
+    let mut sent = 0u32;
+    let mut send = |until: &dyn Fn() -> bool, limit: Duration, what: &str| -> Duration {
+        let start = Instant::now();
+        loop {
+            alice.send("bob", &format!("n{sent:05}"));
+            sent += 1;
+            if until() {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{what} within {limit:?}: path {:?}",
+                path(alice, bob)
+            );
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    };
+    let both_onion = || {
+        let (a, b) = path(alice, bob);
+        a.as_deref() == Some("onion") && b.as_deref() == Some("onion")
+    };
+    let both_lan = || {
+        let (a, b) = path(alice, bob);
+        on_lan(&a) && on_lan(&b)
+    };
+    let settle = Duration::from_secs(3);
+    for round in 1..=2 {
+        lan.cut(0, 1);
+        let down = send(&both_onion, Duration::from_secs(120), "fall back to Tor");
+        let start = Instant::now();
+        send(
+            &|| start.elapsed() > settle,
+            Duration::from_secs(10),
+            "steady on Tor",
+        );
+        lan.heal(0, 1);
+        let up = send(&both_lan, Duration::from_secs(90), "move back to the LAN");
+        let start = Instant::now();
+        send(
+            &|| start.elapsed() > settle,
+            Duration::from_secs(10),
+            "steady on the LAN",
+        );
+        eprintln!("round {round}: LAN → Tor in {down:?}, Tor → LAN in {up:?}");
+    }
+    let total = sent;
+    let want: Vec<String> = (0..total).map(|i| format!("n{i:05}")).collect();
+    let got = wait_for("every message at bob", Duration::from_secs(120), || {
+        let got: Vec<String> = texts(bob, "alice")
+            .into_iter()
+            .filter(|(d, _, _)| d == "in")
+            .map(|(_, b, _)| b)
+            .collect();
+        (got.len() >= want.len()).then_some(got)
+    });
+    assert_eq!(got.len(), want.len(), "a message arrived twice");
+    assert_eq!(got, want, "every number exactly once, in order");
+    wait_for(
+        "every message acknowledged",
+        Duration::from_secs(60),
+        || {
+            texts(alice, "bob")
+                .iter()
+                .all(|(_, _, s)| s == "delivered")
+                .then_some(())
+        },
+    );
+    eprintln!("{total} numbered messages, each once and in order, across 2 cuts");
+    for mut n in nodes {
+        n.stop();
+    }
+}

@@ -17,7 +17,8 @@ pub const MAX_KEYS: usize = 128;
 /// Largest base64 field accepted (decoded bytes): a key exchange is ~250 bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
 
-fn nc(s: &'static str) -> NcName {
+/// An attribute name known to be valid.
+pub(crate) fn nc(s: &'static str) -> NcName {
     NcName::try_from(s).unwrap_or_else(|_| unreachable!("constant attribute name"))
 }
 

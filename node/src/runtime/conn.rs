@@ -28,6 +28,7 @@ use super::{ConnEntry, NodeEvent, Shared, db};
 use crate::invite::{check_proof, redeem_proof, valid_name};
 use crate::store::OmemoCtx;
 use crate::store::{Contact, ContactState, RedeemError};
+use crate::stream::jingle;
 use crate::stream::session::{Event, Params, Role, Session};
 
 const MAGIC: &[u8; 4] = b"CTR1";
@@ -40,6 +41,16 @@ const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_PING: Duration = Duration::from_secs(30);
 const IDLE_DEAD: Duration = Duration::from_secs(90);
+/// With our stanzas unacknowledged, ask for an ack this often.
+const ACTIVE_PING: Duration = Duration::from_secs(2);
+/// A ping unanswered this long means the path is gone (a cut LAN link
+/// never says so): the session moves to another candidate. Tor's round
+/// trips are longer and more variable.
+const PING_DEADLINE_LAN: Duration = Duration::from_secs(6);
+const PING_DEADLINE_TOR: Duration = Duration::from_secs(30);
+/// While the stream runs over Tor, LAN candidates are retried at most this
+/// far apart.
+const UPGRADE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Most of our stanzas in flight (sent, not yet acknowledged) per session.
@@ -269,7 +280,24 @@ async fn dialer(shared: Arc<Shared>, contact: u64) {
         if *shutdown.borrow() {
             return;
         }
-        if !shared.is_connected(contact) {
+        let over_tor = shared.live_carrier(contact) == Some(transport::Carrier::Onion);
+        if over_tor {
+            // Jingle: the stream runs over Tor; try the LAN candidates. A
+            // stream that opens there takes the session over.
+            match lan_candidates(&shared, contact).await {
+                Some((c, lan)) if !lan.is_empty() => {
+                    match dial_once(&shared, &c, &lan, &found_new).await {
+                        Ok(()) => backoff = BACKOFF_MIN,
+                        Err(DialEnd::FreshAddresses) => continue,
+                        Err(DialEnd::Failed(e)) => {
+                            tracing::debug!(contact, "LAN candidates failed: {e}");
+                            backoff = (backoff * 2).min(UPGRADE_BACKOFF_MAX);
+                        }
+                    }
+                }
+                _ => backoff = (backoff * 2).min(UPGRADE_BACKOFF_MAX),
+            }
+        } else if !shared.is_connected(contact) {
             let c = match db(&shared.store, move |s| s.contact(contact)).await {
                 Ok(Ok(Some(c))) => Some(c),
                 Ok(Ok(None)) => return, // the contact is gone
@@ -323,6 +351,23 @@ async fn dialer(shared: Arc<Shared>, contact: u64) {
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// The contact and its LAN candidates (discovery's first, then those its
+/// Jingle `transport-info` named), for a switch away from Tor.
+async fn lan_candidates(shared: &Arc<Shared>, contact: u64) -> Option<(Contact, Vec<PeerAddr>)> {
+    let c = match db(&shared.store, move |s| s.contact(contact)).await {
+        Ok(Ok(Some(c))) if c.state == ContactState::Active => c,
+        _ => return None,
+    };
+    let known: Vec<PeerAddr> = c.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    let found = match (&shared.cfg.discovery, PeerId::from_bytes(c.peer)) {
+        (Some(d), Ok(p)) => d.lookup(&p),
+        _ => Vec::new(),
+    };
+    let mut addrs = discovery::merge(&[&found, &known]);
+    addrs.retain(|a| a.carrier() != transport::Carrier::Onion);
+    Some((c, addrs))
 }
 
 /// Whether an error means the peer refused our ticket or key in the TLS handshake (as
@@ -495,9 +540,12 @@ fn session_id(a: &PeerId, b: &PeerId) -> String {
 }
 
 /// Registers a connection under the one-connection-per-contact rule: a
-/// newer connection from the same side replaces the older; between the two
-/// sides, the connection dialled by the smaller key wins. Both nodes apply
-/// the same rule, so they keep the same connection.
+/// newer connection from the same side replaces the older (that side's
+/// old stream is gone, or it found a better path); between the two sides,
+/// a LAN stream replaces one over Tor (the Jingle switch, see
+/// `stream::jingle`), and on equal footing the connection dialled by the
+/// smaller key wins. Both nodes apply the same rule, so they keep the same
+/// connection.
 fn register(
     shared: &Shared,
     contact: u64,
@@ -506,7 +554,13 @@ fn register(
 ) -> Option<(u64, mpsc::Receiver<ConnCmd>, Arc<tokio::sync::Notify>)> {
     let mut conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(old) = conns.get(&contact) {
-        let keep_old = old.initiator != initiator && old.initiator < initiator;
+        let keep_old = if old.initiator == initiator || jingle::better(carrier, old.carrier) {
+            false
+        } else if jingle::better(old.carrier, carrier) {
+            true
+        } else {
+            old.initiator < initiator
+        };
         if keep_old {
             return None;
         }
@@ -658,6 +712,7 @@ async fn session_loop(
         contact,
         conn_id,
         peer,
+        carrier: a.carrier,
     };
     let result = read_loop(shared, session, rd, &wtx, ids, cmd_rx, close).await;
     // Let the writer flush what is queued (a closing tag, a stream error).
@@ -672,6 +727,7 @@ struct Ids {
     contact: u64,
     conn_id: u64,
     peer: PeerId,
+    carrier: transport::Carrier,
 }
 
 async fn read_loop(
@@ -694,6 +750,12 @@ async fn read_loop(
     };
     let mut last_rx = Instant::now();
     let mut last_ping = last_rx;
+    // When the oldest ping still without any answer went out.
+    let mut unanswered: Option<Instant> = None;
+    let deadline = match ids.carrier {
+        transport::Carrier::Onion => PING_DEADLINE_TOR,
+        _ => PING_DEADLINE_LAN,
+    };
     let mut shutdown = shared.shutdown.clone();
     write_out(&mut session, wtx)?;
     loop {
@@ -702,7 +764,9 @@ async fn read_loop(
         let throttle = session.throttle_until().filter(|t| *t > Instant::now());
         let paused = throttle.is_some();
         let resume = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now).into());
-        let idle = tokio::time::sleep_until((last_rx.max(last_ping) + IDLE_PING).into());
+        let waiting = flow.sent.is_some_and(|sent| sent > flow.acked);
+        let every = if waiting { ACTIVE_PING } else { IDLE_PING };
+        let idle = tokio::time::sleep_until((last_rx.max(last_ping) + every).into());
         tokio::select! {
             _ = resume, if paused => {}
             () = close.notified() => {
@@ -733,6 +797,7 @@ async fn read_loop(
                     }
                 }
                 last_rx = Instant::now();
+                unanswered = None;
                 shared.stats.xml_bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                 let mut events = session.handle_input(&buf[..n], last_rx).into_iter().peekable();
                 while let Some(ev) = events.next() {
@@ -760,10 +825,14 @@ async fn read_loop(
                 }
             },
             _ = idle => {
+                if unanswered.is_some_and(|t| t.elapsed() >= deadline) {
+                    return Err(format!("no answer to a ping in {} s: the path is gone", deadline.as_secs()));
+                }
                 if last_rx.elapsed() >= IDLE_DEAD {
                     return Err("peer silent for too long".into());
                 }
                 last_ping = Instant::now();
+                unanswered.get_or_insert(last_ping);
                 session.request_ack();
             }
             _ = shutdown.changed() => {
@@ -806,12 +875,7 @@ async fn handle_event(
             }
             shared.stats.sessions.fetch_add(1, Ordering::Relaxed);
             tracing::info!("session resumed");
-            let addrs: Vec<String> = shared
-                .advertised
-                .read()
-                .map(|a| a.iter().map(|a| a.to_string()).collect())
-                .unwrap_or_default();
-            session.send_addresses(&addrs);
+            session.send_candidates(&shared.reachable_at());
             announce(shared, session).await?;
             send_outbox(shared, session, contact, flow).await?;
         }
@@ -827,14 +891,16 @@ async fn handle_event(
             send_outbox(shared, session, contact, flow).await?;
         }
         Event::Addresses(addrs) => {
+            // The onion candidate is the peer's key, which we have.
             let valid: Vec<String> = addrs
                 .into_iter()
                 .filter(|a| {
                     matches!(
-                        a.parse::<PeerAddr>(),
-                        Ok(PeerAddr::Tcp(_) | PeerAddr::Quic(_) | PeerAddr::Memory(_))
+                        a,
+                        PeerAddr::Tcp(_) | PeerAddr::Quic(_) | PeerAddr::Memory(_)
                     )
                 })
+                .map(|a| a.to_string())
                 .collect();
             edit_contact(shared, contact, move |c| {
                 let changed = c.addrs != valid;

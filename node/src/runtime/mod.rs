@@ -481,8 +481,9 @@ impl Node {
             d.on_found(Arc::new(move |peer: &PeerId| {
                 let Some(s) = weak.upgrade() else { return };
                 let id = s.contacts.read().ok().and_then(|m| m.get(peer).copied());
+                // Not connected, or connected over Tor: a LAN path is better.
                 if let Some(id) = id
-                    && !s.is_connected(id)
+                    && (!s.is_connected(id) || s.live_carrier(id) == Some(Carrier::Onion))
                 {
                     s.found(id).notify_one();
                     s.kick(id).notify_one();

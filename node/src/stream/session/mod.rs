@@ -42,9 +42,7 @@ pub const NS_SM: &str = "urn:xmpp:sm:3";
 /// XEP-0184 namespace.
 pub const NS_RECEIPTS: &str = "urn:xmpp:receipts";
 /// Coterie's own namespace for address announcements.
-pub const NS_ADDRS: &str = "urn:coterie:addrs:0";
-/// At most this many addresses are accepted in one announcement.
-pub const MAX_ADDRS: usize = 8;
+pub use crate::stream::jingle::NS_JINGLE;
 
 /// Which side opened the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,8 +105,9 @@ pub enum Event {
     Stanzas(Vec<Incoming>),
     /// They acknowledged our stanzas up to `h`.
     Acked(u64),
-    /// They announced where they can be reached.
-    Addresses(Vec<String>),
+    /// They announced where they can be reached (a Jingle
+    /// `transport-info`), best first.
+    Addresses(Vec<transport::PeerAddr>),
     /// A PEP notification (OMEMO device lists and bundles).
     Pep(Element),
     /// They closed the stream.
@@ -466,15 +465,14 @@ impl Session {
                 self.queue(xso::to_vec(&sm::A::new(self.durable_h as u32)).unwrap_or_default());
                 Ok(())
             }
-            (Phase::Open, NS_ADDRS, "addrs") => {
-                let addrs: Vec<String> = el
-                    .children()
-                    .filter(|c| c.is("addr", NS_ADDRS))
-                    .take(MAX_ADDRS)
-                    .map(|c| c.text())
-                    .filter(|t| t.len() <= 64)
-                    .collect();
-                events.push(Event::Addresses(addrs));
+            (Phase::Open, NS_JINGLE, "jingle") => {
+                // A candidate list we cannot use loses nothing: it is
+                // ignored, the stream goes on.
+                self.take_token(now);
+                match crate::stream::jingle::parse_transport_info(el, &self.p.session_id) {
+                    Ok(addrs) => events.push(Event::Addresses(addrs)),
+                    Err(e) => tracing::debug!("jingle ignored: {e}"),
+                }
                 Ok(())
             }
             (Phase::Open, crate::omemo::pep::NS_PUBSUB_EVENT, "event") => {
@@ -584,19 +582,12 @@ impl Session {
         }
     }
 
-    /// Announces where we can be reached.
-    pub fn send_addresses(&mut self, addrs: &[String]) {
+    /// Offers our transport candidates (a Jingle `transport-info`).
+    pub fn send_candidates(&mut self, addrs: &[transport::PeerAddr]) {
         if self.phase != Phase::Open {
             return;
         }
-        let mut el = Element::builder("addrs", NS_ADDRS).build();
-        for a in addrs.iter().take(MAX_ADDRS) {
-            el.append_child(
-                Element::builder("addr", NS_ADDRS)
-                    .append(a.as_str())
-                    .build(),
-            );
-        }
+        let el = crate::stream::jingle::transport_info(&self.p.session_id, addrs);
         if let Some(unit) = write_el(&el) {
             self.queue(unit);
         }

@@ -265,19 +265,19 @@ fn clean_close_is_reported() {
 }
 
 #[test]
-fn addresses_are_announced_and_bounded() {
+fn candidates_are_announced_with_jingle_and_bounded() {
     let now = Instant::now();
     let (mut a, mut b) = open_pair(now);
-    let many: Vec<String> = (0..20)
-        .map(|i| format!("tcp:127.0.0.1:{}", 1000 + i))
+    let many: Vec<transport::PeerAddr> = (0..20)
+        .map(|i| format!("tcp:127.0.0.1:{}", 1000 + i).parse().expect("addr"))
         .collect();
-    a.send_addresses(&many);
+    a.send_candidates(&many);
     let eb = pump(&mut a, &mut b, now);
     let [Event::Addresses(got)] = eb.as_slice() else {
         panic!("{eb:?}")
     };
-    assert_eq!(got.len(), MAX_ADDRS);
-    assert_eq!(got[0], "tcp:127.0.0.1:1000");
+    assert_eq!(got.len(), crate::stream::jingle::MAX_CANDIDATES);
+    assert_eq!(got[0].to_string(), "tcp:127.0.0.1:1000");
 }
 
 #[test]
