@@ -48,6 +48,11 @@ const ACTIVE_PING: Duration = Duration::from_secs(2);
 /// trips are longer and more variable.
 const PING_DEADLINE_LAN: Duration = Duration::from_secs(6);
 const PING_DEADLINE_TOR: Duration = Duration::from_secs(30);
+/// How long the LAN candidates have to themselves before the onion
+/// service is dialled too.
+const ONION_HEAD_START: Duration = Duration::from_secs(2);
+/// A stream up this long is no longer part of a simultaneous dial.
+const SETTLED: Duration = Duration::from_secs(5);
 /// While the stream runs over Tor, LAN candidates are retried at most this
 /// far apart.
 const UPGRADE_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -446,88 +451,128 @@ async fn dial_once(
         ContactState::Redeeming { secret, .. } => GateKey::for_invite(secret),
         _ => GateKey::for_pair(&shared.key, &peer).ok_or("the contact's key is not usable")?,
     };
-    let mut last = String::from("no usable address");
-    for addr in addrs {
-        let Some(t) = shared
-            .transports
-            .iter()
-            .find(|t| t.carrier() == addr.carrier())
-        else {
-            continue;
-        };
-        let connected = tokio::select! {
-            r = t.dial(addr, peer, &gate) => r,
-            () = found_new.notified() => return Err(DialEnd::FreshAddresses),
-        };
-        match connected {
-            Ok(mut a) => {
-                match &c.state {
-                    ContactState::Redeeming { invite_id, secret } => {
-                        let proof = redeem_proof(secret, &peer, &shared.me, &a.channel_binding);
-                        let name = store_op(shared, |s| s.profile().map(|p| p.name)).await?;
-                        let mut pre = Vec::with_capacity(PREFACE_LEN);
-                        pre.extend_from_slice(MAGIC);
-                        pre.push(MODE_REDEEM);
-                        pre.extend_from_slice(invite_id);
-                        pre.extend_from_slice(&proof);
-                        pre.push(name.len() as u8);
-                        pre.extend_from_slice(name.as_bytes());
-                        pre.resize(PREFACE_LEN, 0);
-                        a.io.write_all(&pre).await.map_err(|e| e.to_string())?;
-                        a.io.flush().await.map_err(|e| e.to_string())?;
-                        let mut st = [0u8; PREFACE_LEN];
-                        let read = tokio::time::timeout(PREFACE_TIMEOUT, a.io.read_exact(&mut st))
-                            .await
-                            .map_err(|_| "no answer to the invite")?;
-                        if let Err(e) = read {
-                            if refused_by_peer(&e.to_string()) {
-                                mark_refused(shared, c.id, REFUSED_AT_HANDSHAKE).await?;
-                            }
-                            return Err(DialEnd::Failed(e.to_string()));
+    // One attempt: every candidate at once, the first stream wins.
+    let connected = tokio::select! {
+        r = connect_first(shared, addrs, peer, &gate) => r,
+        () = found_new.notified() => return Err(DialEnd::FreshAddresses),
+    };
+    match connected {
+        Ok(mut a) => {
+            match &c.state {
+                ContactState::Redeeming { invite_id, secret } => {
+                    let proof = redeem_proof(secret, &peer, &shared.me, &a.channel_binding);
+                    let name = store_op(shared, |s| s.profile().map(|p| p.name)).await?;
+                    let mut pre = Vec::with_capacity(PREFACE_LEN);
+                    pre.extend_from_slice(MAGIC);
+                    pre.push(MODE_REDEEM);
+                    pre.extend_from_slice(invite_id);
+                    pre.extend_from_slice(&proof);
+                    pre.push(name.len() as u8);
+                    pre.extend_from_slice(name.as_bytes());
+                    pre.resize(PREFACE_LEN, 0);
+                    a.io.write_all(&pre).await.map_err(|e| e.to_string())?;
+                    a.io.flush().await.map_err(|e| e.to_string())?;
+                    let mut st = [0u8; PREFACE_LEN];
+                    let read = tokio::time::timeout(PREFACE_TIMEOUT, a.io.read_exact(&mut st))
+                        .await
+                        .map_err(|_| "no answer to the invite")?;
+                    if let Err(e) = read {
+                        if refused_by_peer(&e.to_string()) {
+                            mark_refused(shared, c.id, REFUSED_AT_HANDSHAKE).await?;
                         }
-                        let id = c.id;
-                        let new_state = if st[0] == 0 {
-                            ContactState::Active
-                        } else {
-                            tracing::warn!(
-                                contact = id,
-                                "invite refused by the inviter: {}",
-                                reason_of(st[0])
-                            );
-                            ContactState::Refused {
-                                reason: reason_of(st[0]).into(),
-                            }
-                        };
-                        let accepted = new_state == ContactState::Active;
-                        set_contact_state(shared, id, new_state).await?;
-                        if !accepted {
-                            return Err("invite refused".into());
+                        return Err(DialEnd::Failed(e.to_string()));
+                    }
+                    let id = c.id;
+                    let new_state = if st[0] == 0 {
+                        ContactState::Active
+                    } else {
+                        tracing::warn!(
+                            contact = id,
+                            "invite refused by the inviter: {}",
+                            reason_of(st[0])
+                        );
+                        ContactState::Refused {
+                            reason: reason_of(st[0]).into(),
                         }
-                    }
-                    ContactState::Active => {
-                        let mut pre = MAGIC.to_vec();
-                        pre.push(MODE_SESSION);
-                        pre.resize(PREFACE_LEN, 0);
-                        a.io.write_all(&pre).await.map_err(|e| e.to_string())?;
-                    }
-                    ContactState::Refused { .. } => return Err("invite was refused".into()),
-                    ContactState::Cleartext { .. } => {
-                        return Err("a classic XEP-0174 contact is never dialled with TLS".into());
+                    };
+                    let accepted = new_state == ContactState::Active;
+                    set_contact_state(shared, id, new_state).await?;
+                    if !accepted {
+                        return Err("invite refused".into());
                     }
                 }
-                run_session(shared.clone(), a, Role::Initiator, shared.me, c.id).await;
-                return Ok(());
+                ContactState::Active => {
+                    let mut pre = MAGIC.to_vec();
+                    pre.push(MODE_SESSION);
+                    pre.resize(PREFACE_LEN, 0);
+                    a.io.write_all(&pre).await.map_err(|e| e.to_string())?;
+                }
+                ContactState::Refused { .. } => return Err("invite was refused".into()),
+                ContactState::Cleartext { .. } => {
+                    return Err("a classic XEP-0174 contact is never dialled with TLS".into());
+                }
             }
+            run_session(shared.clone(), a, Role::Initiator, shared.me, c.id).await;
+            return Ok(());
+        }
+        Err(e) => {
+            if matches!(c.state, ContactState::Redeeming { .. }) && refused_by_peer(&e) {
+                mark_refused(shared, c.id, REFUSED_AT_HANDSHAKE).await?;
+            }
+            Err(DialEnd::Failed(e))
+        }
+    }
+}
+
+/// Dials every candidate at once ("happy eyeballs"); the first
+/// authenticated stream wins and the others are dropped before anything is
+/// written on them. The onion service starts [`ONION_HEAD_START`] after the
+/// LAN candidates, so a live LAN path wins and a dead one (a QUIC dial
+/// waits out its handshake timeout) does not hold up Tor.
+async fn connect_first(
+    shared: &Arc<Shared>,
+    addrs: &[PeerAddr],
+    peer: PeerId,
+    gate: &GateKey,
+) -> Result<Authenticated, String> {
+    use futures::StreamExt as _;
+    let has_lan = addrs
+        .iter()
+        .any(|a| a.carrier() != transport::Carrier::Onion);
+    let mut pending: futures::stream::FuturesUnordered<_> = addrs
+        .iter()
+        .filter_map(|addr| {
+            let t = shared
+                .transports
+                .iter()
+                .find(|t| t.carrier() == addr.carrier())?;
+            let wait = if has_lan && addr.carrier() == transport::Carrier::Onion {
+                ONION_HEAD_START
+            } else {
+                Duration::ZERO
+            };
+            Some(async move {
+                tokio::time::sleep(wait).await;
+                t.dial(addr, peer, gate).await
+            })
+        })
+        .collect();
+    // A refusal says more than an unreachable address: it is what a
+    // redeeming dialer must see.
+    let mut last = String::from("no transport for these addresses");
+    let mut refused = None;
+    while let Some(r) = pending.next().await {
+        match r {
+            Ok(a) => return Ok(a),
             Err(e) => {
                 last = e.to_string();
-                if matches!(c.state, ContactState::Redeeming { .. }) && refused_by_peer(&last) {
-                    mark_refused(shared, c.id, REFUSED_AT_HANDSHAKE).await?;
-                    return Err(DialEnd::Failed(last));
+                if refused_by_peer(&last) {
+                    refused = Some(last.clone());
                 }
             }
         }
     }
-    Err(DialEnd::Failed(last))
+    Err(refused.unwrap_or(last))
 }
 
 fn session_id(a: &PeerId, b: &PeerId) -> String {
@@ -555,6 +600,11 @@ fn register(
     let mut conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(old) = conns.get(&contact) {
         let keep_old = if old.initiator == initiator || jingle::better(carrier, old.carrier) {
+            false
+        } else if old.resumed && old.since.elapsed() >= SETTLED {
+            // The peer dialled although this stream has been up a while:
+            // on its side the stream is gone (it dials only then, or for a
+            // better path), so ours is a dead one that has not noticed yet.
             false
         } else if jingle::better(old.carrier, carrier) {
             true
