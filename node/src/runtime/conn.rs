@@ -513,7 +513,7 @@ async fn dial_once(
                 }
             }
             run_session(shared.clone(), a, Role::Initiator, shared.me, c.id).await;
-            return Ok(());
+            Ok(())
         }
         Err(e) => {
             if matches!(c.state, ContactState::Redeeming { .. }) && refused_by_peer(&e) {
