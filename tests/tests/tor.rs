@@ -401,3 +401,152 @@ fn the_session_moves_between_lan_and_tor_without_losing_or_repeating_a_message()
         n.stop();
     }
 }
+
+/// Two nodes in the Tor network's namespace that know each other only
+/// through their onion services.
+fn onion_pair(tor: &TorNet, root: &std::path::Path) -> (NodeProc, NodeProc) {
+    let mut alice = NodeProc::init(root, "alice");
+    let mut bob = NodeProc::init(root, "bob");
+    alice.netns = Some(tor_host(tor));
+    bob.netns = Some(tor_host(tor));
+    start_on_tor(&mut alice, tor);
+    start_on_tor(&mut bob, tor);
+    let uri = alice.invite();
+    bob.add(&uri, "alice");
+    wait_for("alice and bob over Tor", Duration::from_secs(180), || {
+        (alice.connected_to("bob") && bob.connected_to("alice")).then_some(())
+    });
+    (alice, bob)
+}
+
+/// What a run of [`chat_through_trouble`] saw (printed for the record).
+#[derive(Debug)]
+#[allow(dead_code)]
+struct Trouble {
+    sent_each_way: u32,
+    relay_kills: u32,
+    bob_restarts: u32,
+    sessions: u64,
+    drain: Duration,
+}
+
+/// Messages both ways every 400 ms for `run_for`, while a relay (never the
+/// exit) is killed every 20 s and restarted 8 s later; bob restarts (a
+/// fresh Tor client) at each of `restart_bob_at`. Every message must arrive
+/// exactly once, in order.
+fn chat_through_trouble(
+    tor: &mut TorNet,
+    run_for: Duration,
+    restart_bob_at: &[Instant],
+) -> Trouble {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (alice, mut bob) = onion_pair(tor, tmp.path());
+    let start = Instant::now();
+    let relays: Vec<usize> = (0..tor.relay_count())
+        .filter(|&i| i != tor.exit_relay())
+        .collect();
+    let (mut a_sent, mut b_sent, mut kills, mut restarts) = (0u32, 0u32, 0u32, 0u32);
+    let mut next_kill = start + Duration::from_secs(10);
+    let mut killed: Option<(usize, Instant)> = None;
+    let mut pending_restarts: Vec<Instant> = restart_bob_at.to_vec();
+    let cfg = tor.arti_config().to_str().expect("utf-8").to_string();
+    while start.elapsed() < run_for {
+        alice.send("bob", &format!("a{a_sent:05}"));
+        a_sent += 1;
+        bob.send("alice", &format!("b{b_sent:05}"));
+        b_sent += 1;
+        let now = Instant::now();
+        if let Some((i, at)) = killed
+            && now >= at
+        {
+            tor.restart_relay(i);
+            killed = None;
+        }
+        if killed.is_none() && now >= next_kill {
+            let i = relays[kills as usize % relays.len()];
+            tor.kill_relay(i);
+            kills += 1;
+            killed = Some((i, now + Duration::from_secs(8)));
+            next_kill = now + Duration::from_secs(20);
+        }
+        if pending_restarts.first().is_some_and(|t| now >= *t) {
+            pending_restarts.remove(0);
+            bob.stop();
+            bob.start_with(&["--tor-config", &cfg, "--advertise", "tcp:127.0.0.1:9"]);
+            restarts += 1;
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    if let Some((i, _)) = killed {
+        tor.restart_relay(i);
+    }
+    let drain_start = Instant::now();
+    let inbound = |n: &NodeProc, from: &str| -> Vec<String> {
+        texts(n, from)
+            .into_iter()
+            .filter(|(d, _, _)| d == "in")
+            .map(|(_, b, _)| b)
+            .collect()
+    };
+    let (got_b, got_a) = wait_for("every message both ways", Duration::from_secs(300), || {
+        let at_bob = inbound(&bob, "alice");
+        let at_alice = inbound(&alice, "bob");
+        (at_bob.len() >= a_sent as usize && at_alice.len() >= b_sent as usize)
+            .then_some((at_bob, at_alice))
+    });
+    let drain = drain_start.elapsed();
+    let want_b: Vec<String> = (0..a_sent).map(|i| format!("a{i:05}")).collect();
+    let want_a: Vec<String> = (0..b_sent).map(|i| format!("b{i:05}")).collect();
+    assert_eq!(got_b, want_b, "alice → bob: each once, in order");
+    assert_eq!(got_a, want_a, "bob → alice: each once, in order");
+    let sessions = alice.status()["stats"]["sessions"].as_u64().unwrap_or(0);
+    let mut alice = alice;
+    alice.stop();
+    bob.stop();
+    Trouble {
+        sent_each_way: a_sent.min(b_sent),
+        relay_kills: kills,
+        bob_restarts: restarts,
+        sessions,
+        drain,
+    }
+}
+
+#[test]
+fn onion_sessions_ride_out_relay_failures() {
+    let mut tor = TorNet::start();
+    let t = chat_through_trouble(&mut tor, Duration::from_secs(70), &[]);
+    eprintln!("{t:?}");
+    assert!(t.relay_kills >= 3, "{t:?}");
+    assert!(t.sent_each_way >= 100, "{t:?}");
+}
+
+/// Soak (about 15 minutes; `tests/soak` runs it): across two onion-service
+/// time-period changes (6 minutes apart with a 15 s voting interval), with
+/// a fresh Tor client (bob restarted) 15 s after each change, when
+/// tor-hsservice may publish the new descriptor late.
+#[test]
+#[ignore = "soak: about 15 minutes; run by tests/soak"]
+fn onion_chat_survives_two_time_period_changes() {
+    let mut tor = TorNet::builder().voting_interval(15).start();
+    let period = tor.time_period().as_secs();
+    let offset = 12 * tor.voting_interval().as_secs();
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    // Time periods start where (unix time − offset) is a multiple of the length.
+    let first = unix + period - (unix - offset) % period;
+    let at = |t: u64| Instant::now() + Duration::from_secs(t - unix);
+    let changes = [first, first + period];
+    let restarts: Vec<Instant> = changes.iter().map(|&c| at(c + 15)).collect();
+    let run_for = Duration::from_secs(changes[1] + 120 - unix);
+    eprintln!(
+        "time periods change in {} s and {} s",
+        first - unix,
+        first + period - unix
+    );
+    let t = chat_through_trouble(&mut tor, run_for, &restarts);
+    eprintln!("{t:?}");
+    assert_eq!(t.bob_restarts, 2, "{t:?}");
+}
