@@ -155,8 +155,21 @@ fn contacts_reach_each_other_only_through_onion_services() {
     assert_eq!(wrong["kind"], "OnionServiceWrongClientAuth", "{wrong}");
 
     // Adding and removing contacts updates the authorized set.
-    let _second = alice.invite();
+    let second = alice.invite();
     assert_eq!(tor_status(&alice)["authorized"], 2);
+    // Someone who can reach the service (an open invite's discovery key)
+    // but is not a contact is refused in the TLS handshake inside the
+    // onion stream: no certificate, the gate counts it.
+    let gate_before = alice.status()["stats"]["gate_refused"]
+        .as_u64()
+        .unwrap_or(0);
+    let intruder = probe(&tor, &onion, &["--invite", &second]);
+    assert_eq!(intruder["ok"], false, "{intruder}");
+    assert_eq!(intruder["kind"], "Handshake", "{intruder}");
+    let gate_after = alice.status()["stats"]["gate_refused"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(gate_after > gate_before, "{gate_before} → {gate_after}");
     let removed = alice.cli(&["remove", "bob", "--yes"]);
     assert_eq!(removed.code, 0, "{}", removed.stderr);
     assert_eq!(tor_status(&alice)["authorized"], 1, "only the open invite");
