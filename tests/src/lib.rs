@@ -452,6 +452,13 @@ pub fn texts(n: &NodeProc, contact: &str) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// Whether `n` has a message `body` to `contact` marked delivered.
+pub fn delivered(n: &NodeProc, contact: &str, body: &str) -> bool {
+    texts(n, contact)
+        .iter()
+        .any(|(d, b, s)| d == "out" && b == body && s == "delivered")
+}
+
 /// Every file under `dir`, recursively.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -3,13 +3,7 @@
 
 use std::time::Duration;
 
-use coterie_tests::{NodeProc, assert_no_plaintext, introduce, texts, wait_for};
-
-fn delivered(n: &NodeProc, contact: &str, body: &str) -> bool {
-    texts(n, contact)
-        .iter()
-        .any(|(d, b, s)| d == "out" && b == body && s == "delivered")
-}
+use coterie_tests::{NodeProc, assert_no_plaintext, delivered, introduce, texts, wait_for};
 
 fn received_once(n: &NodeProc, contact: &str, body: &str) -> bool {
     texts(n, contact)

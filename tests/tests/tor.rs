@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use coterie_tests::netns::{Host, Lan};
 use coterie_tests::tornet::TorNet;
-use coterie_tests::{NodeProc, texts, tool, wait_for};
+use coterie_tests::{NodeProc, delivered, texts, tool, wait_for};
 use serde_json::Value;
 
 /// A node host inside the Tor network's namespace.
@@ -43,12 +43,6 @@ fn peer_transport(n: &NodeProc, contact: &str) -> Option<String> {
         .iter()
         .find(|p| p["name"] == contact)
         .and_then(|p| p["transport"].as_str().map(str::to_string))
-}
-
-fn delivered(n: &NodeProc, contact: &str, body: &str) -> bool {
-    texts(n, contact)
-        .iter()
-        .any(|(d, b, s)| d == "out" && b == body && s == "delivered")
 }
 
 fn received(n: &NodeProc, contact: &str, body: &str) -> bool {
@@ -202,6 +196,21 @@ fn contacts_reach_each_other_only_through_onion_services() {
     bob.stop();
 }
 
+/// alice and bob on hosts 0 and 1 of `lan`, with `--lan` and Tor from
+/// `arti`, introduced to each other (over the LAN).
+fn lan_pair(lan: &Lan, root: &std::path::Path, arti: &std::path::Path) -> Vec<NodeProc> {
+    let cfg = arti.to_str().expect("utf-8").to_string();
+    let mut nodes = Vec::new();
+    for (i, name) in ["alice", "bob"].iter().enumerate() {
+        let mut n = NodeProc::init(root, name);
+        n.netns = Some(lan.hosts[i].clone());
+        n.start_with(&["--lan", "--tor-config", &cfg]);
+        nodes.push(n);
+    }
+    coterie_tests::introduce(&nodes[0], &nodes[1]);
+    nodes
+}
+
 #[test]
 fn without_a_tor_network_the_status_says_so_and_the_lan_keeps_working() {
     // The LAN namespaces have no route anywhere: arti's relays (from a
@@ -217,16 +226,8 @@ fn without_a_tor_network_the_status_says_so_and_the_lan_keeps_working() {
          v3idents = [\"0000000000000000000000000000000000000000\"]\n",
     )
     .expect("write config");
-    let cfg = cfg.to_str().expect("utf-8").to_string();
-    let mut nodes = Vec::new();
-    for (i, name) in ["alice", "bob"].iter().enumerate() {
-        let mut n = NodeProc::init(tmp.path(), name);
-        n.netns = Some(lan.hosts[i].clone());
-        n.start_with(&["--lan", "--tor-config", &cfg]);
-        nodes.push(n);
-    }
+    let nodes = lan_pair(&lan, tmp.path(), &cfg);
     let (alice, bob) = (&nodes[0], &nodes[1]);
-    coterie_tests::introduce(alice, bob);
     assert_eq!(peer_transport(alice, "bob").as_deref(), Some("tcp"));
     alice.send("bob", "the lan works without tor");
     wait_for("a LAN message", Duration::from_secs(20), || {
@@ -314,17 +315,9 @@ fn the_session_moves_between_lan_and_tor_without_losing_or_repeating_a_message()
     let tor = TorNet::builder()
         .in_namespace(&router_ns, router_ip)
         .start();
-    let cfg = tor.arti_config().to_str().expect("utf-8").to_string();
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut nodes = Vec::new();
-    for (i, name) in ["alice", "bob"].iter().enumerate() {
-        let mut n = NodeProc::init(tmp.path(), name);
-        n.netns = Some(lan.hosts[i].clone());
-        n.start_with(&["--lan", "--tor-config", &cfg]);
-        nodes.push(n);
-    }
+    let nodes = lan_pair(&lan, tmp.path(), tor.arti_config());
     let (alice, bob) = (&nodes[0], &nodes[1]);
-    coterie_tests::introduce(alice, bob);
     assert!(
         on_lan(&peer_transport(alice, "bob")),
         "{:?}",

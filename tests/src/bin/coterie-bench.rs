@@ -2,9 +2,12 @@
 //!
 //! ```text
 //! cargo run --release -p coterie-tests --bin coterie-bench -- [all|rtt|throughput|store] [--n N] [--store-messages N]
+//! cargo run --release -p coterie-tests --bin coterie-bench -- tor [--n N] [--runs N]
 //! ```
 //!
-//! Everything runs on 127.0.0.1. `rtt` needs Debian's `prosody`.
+//! Everything runs on 127.0.0.1. `rtt` needs Debian's `prosody`. `lan` and
+//! `tor` need root: they build namespaces, and `tor` starts the private Tor
+//! network (tests/src/tornet.rs) and runs its nodes inside its namespace.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -84,6 +87,11 @@ async fn pair(root: &Path) -> (Node, Node) {
     create(&root.join("b"), "bob");
     let a = start(&root.join("a")).await;
     let b = start(&root.join("b")).await;
+    introduce(a, b).await
+}
+
+/// `a` invites, `b` adds; returns once they are connected.
+async fn introduce(a: Node, b: Node) -> (Node, Node) {
     let mut ev = a.subscribe();
     let uri = a.invite("1h").await.expect("invite");
     b.add(&uri, Some("alice")).await.expect("add");
@@ -94,6 +102,30 @@ async fn pair(root: &Path) -> (Node, Node) {
     (a, b)
 }
 
+/// `n` round trips of a 1 KB message from `a` to "bob" (sent, stored,
+/// acked, receipt back), in ms, after 20 warm-up ones.
+async fn round_trips(
+    a: &Node,
+    ev: &mut tokio::sync::broadcast::Receiver<NodeEvent>,
+    n: usize,
+) -> Vec<f64> {
+    let body = body_1k();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n + 20 {
+        let t = Instant::now();
+        let m = a.send("bob", &body).await.expect("send");
+        wait_event(
+            ev,
+            |e| matches!(e, NodeEvent::Delivered { seq, .. } if *seq == m.seq),
+        )
+        .await;
+        if i >= 20 {
+            out.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    out
+}
+
 async fn rtt(n: usize) {
     println!(
         "## 1 KB message round trip (sent, stored, acked, receipt back), 127.0.0.1, {n} runs after 20 warm-up"
@@ -101,20 +133,8 @@ async fn rtt(n: usize) {
     let tmp = tempfile::tempdir().expect("tmp");
     let (a, b) = pair(tmp.path()).await;
     let mut ev = a.subscribe();
+    let coterie = round_trips(&a, &mut ev, n).await;
     let body = body_1k();
-    let mut coterie = Vec::new();
-    for i in 0..n + 20 {
-        let t = Instant::now();
-        let m = a.send("bob", &body).await.expect("send");
-        wait_event(
-            &mut ev,
-            |e| matches!(e, NodeEvent::Delivered { seq, .. } if *seq == m.seq),
-        )
-        .await;
-        if i >= 20 {
-            coterie.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
-    }
     a.shutdown().await;
     b.shutdown().await;
 
@@ -542,6 +562,214 @@ fn lan(runs: usize) {
     println!("| {med:.0} | {p90:.0} | {p95:.0} | median ≤ 1000 |\n");
 }
 
+/// Nodes whose only path is their onion services (the advertised address
+/// is a closed port).
+async fn start_tor(dir: &Path, arti: &Path) -> Node {
+    let cfg = NodeConfig {
+        listen: vec!["127.0.0.1:0".parse().expect("addr")],
+        advertise: vec!["tcp:127.0.0.1:9".parse().expect("addr")],
+        tor: Some(transport::onion::TorSettings {
+            state_dir: dir.join("tor/state"),
+            cache_dir: dir.join("tor/cache"),
+            config_file: Some(arti.to_path_buf()),
+        }),
+        ..Default::default()
+    };
+    Node::start(open_retry(dir).await, cfg)
+        .await
+        .expect("start")
+}
+
+/// A plain onion service that echoes, on arti alone: the baseline.
+async fn raw_onion_echo(arti: &Path, work: &Path, n: usize) -> Vec<f64> {
+    use futures::StreamExt as _;
+    let settings = |name: &str| transport::onion::TorSettings {
+        state_dir: work.join(name).join("state"),
+        cache_dir: work.join(name).join("cache"),
+        config_file: Some(arti.to_path_buf()),
+    };
+    let service_cfg = transport::onion::load_config(&settings("svc")).expect("config");
+    let svc = arti_client::TorClient::create_bootstrapped(service_cfg)
+        .await
+        .expect("service bootstrap");
+    let mut oc = tor_hsservice::config::OnionServiceConfigBuilder::default();
+    oc.nickname("echo".parse().expect("nickname"));
+    let (running, requests) = svc
+        .launch_onion_service(oc.build().expect("service config"))
+        .expect("launch")
+        .expect("enabled");
+    let hsid = running.onion_address().expect("onion address");
+    tokio::spawn(async move {
+        let mut streams = std::pin::pin!(tor_hsservice::handle_rend_requests(requests));
+        while let Some(req) = streams.next().await {
+            tokio::spawn(async move {
+                let Ok(mut s) = req
+                    .accept(tor_cell::relaycell::msg::Connected::new_empty())
+                    .await
+                else {
+                    return;
+                };
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => {
+                            if s.write_all(&buf[..k]).await.is_err() || s.flush().await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let client_cfg = transport::onion::load_config(&settings("cli")).expect("config");
+    let cli = arti_client::TorClient::create_bootstrapped(client_cfg)
+        .await
+        .expect("client bootstrap");
+    let target = transport::PeerId::from_bytes(*hsid.as_ref())
+        .expect("an onion key")
+        .onion_address();
+    let mut stream = None;
+    for _ in 0..60 {
+        match cli.connect((target.as_str(), 80)).await {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+    let mut s = stream.expect("raw onion stream within 60 s");
+    let payload = vec![b'x'; 1024];
+    let mut back = vec![0u8; 1024];
+    let mut out = Vec::new();
+    for i in 0..n + 20 {
+        let t = Instant::now();
+        s.write_all(&payload).await.expect("write");
+        s.flush().await.expect("flush");
+        s.read_exact(&mut back).await.expect("read");
+        if i >= 20 {
+            out.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    drop(running);
+    out
+}
+
+/// Inside the Tor network's namespace: the round trips and the start times.
+async fn tor_inner(arti: &Path, n: usize, runs: usize) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let raw = raw_onion_echo(arti, &tmp.path().join("raw"), n).await;
+
+    let root = tmp.path();
+    create(&root.join("a"), "alice");
+    create(&root.join("b"), "bob");
+    let a = start_tor(&root.join("a"), arti).await;
+    let b = start_tor(&root.join("b"), arti).await;
+    let (a, b) = introduce(a, b).await;
+    let mut ev = a.subscribe();
+    let carrier = a.status().peers.first().map(|p| p.transport.clone());
+    assert_eq!(
+        carrier.as_deref(),
+        Some("onion"),
+        "the pair must talk over Tor"
+    );
+    let coterie = round_trips(&a, &mut ev, n).await;
+    a.shutdown().await;
+    b.shutdown().await;
+
+    let mut starts = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let (da, db) = (root.join("a"), root.join("b"));
+        let (a, b) = tokio::join!(start_tor(&da, arti), start_tor(&db, arti));
+        let mut ev = a.subscribe();
+        if a.status().peers.is_empty() {
+            wait_event(&mut ev, |e| {
+                matches!(e, NodeEvent::Connection { up: true, .. })
+            })
+            .await;
+        }
+        starts.push(t.elapsed().as_secs_f64() * 1000.0);
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    let (rm, r9, r99) = stats(raw);
+    let (cm, c9, c99) = stats(coterie);
+    println!("| path | median ms | p90 ms | p99 ms |\n| --- | --- | --- | --- |");
+    println!("| raw arti onion stream, 1 KB echo | {rm:.2} | {r9:.2} | {r99:.2} |");
+    println!(
+        "| Coterie 1 KB message over the onion (OMEMO, stored, acked, receipt back) | {cm:.2} | {c9:.2} | {c99:.2} |"
+    );
+    println!("ratio Coterie/raw (median): {:.2} (goal ≤ 1.3)\n", cm / rm);
+    let (sm, s9, _) = stats(starts.clone());
+    let max = starts.iter().copied().fold(0.0, f64::max);
+    println!(
+        "### both nodes started → contact connected over Tor, {runs} runs (warm arti state)\n"
+    );
+    println!("| median ms | p90 ms | max ms |\n| --- | --- | --- |");
+    println!("| {sm:.0} | {s9:.0} | {max:.0} |\n");
+}
+
+/// The private Tor network, the inner measurements in its namespace, then
+/// a node process's idle memory with arti and its onion service up.
+fn tor(n: usize, runs: usize) {
+    use coterie_tests::netns::Host;
+    use coterie_tests::tornet::TorNet;
+    use coterie_tests::{NodeProc, wait_for};
+    println!(
+        "## Over Tor: the private network (tests/src/tornet.rs), {n} round trips after 20 warm-up"
+    );
+    let net = TorNet::start();
+    let me = std::env::current_exe().expect("exe");
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", net.ns()])
+        .arg(&me)
+        .arg("tor-inner")
+        .arg(net.arti_config())
+        .args(["--n", &n.to_string(), "--runs", &runs.to_string()])
+        .status()
+        .expect("run the inner benchmark");
+    assert!(status.success(), "inner Tor benchmark failed");
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let host = Host {
+        ns: net.ns().to_string(),
+        ip: std::net::Ipv4Addr::LOCALHOST,
+        ip6: std::net::Ipv6Addr::UNSPECIFIED,
+        v6_only: false,
+    };
+    let mut a = NodeProc::init(tmp.path(), "alice_rss");
+    let mut b = NodeProc::init(tmp.path(), "bob_rss");
+    a.netns = Some(host.clone());
+    b.netns = Some(host);
+    let cfg = net.arti_config().to_str().expect("utf-8").to_string();
+    let args = [
+        "--tor-config",
+        cfg.as_str(),
+        "--advertise",
+        "tcp:127.0.0.1:9",
+    ];
+    a.start_with(&args);
+    b.start_with(&args);
+    let uri = a.invite();
+    b.add(&uri, "alice_rss");
+    wait_for("a contact over Tor", Duration::from_secs(180), || {
+        (a.connected_to("bob_rss") && b.connected_to("alice_rss")).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(30));
+    let rss = a.rss_kib().expect("rss") as f64 / 1024.0;
+    let service = a.status()["tor"]["onion_service"].clone();
+    println!(
+        "### idle node process: arti bootstrapped, onion service up ({service}), one contact connected, 30 s idle\n"
+    );
+    println!("| RSS MiB | goal |\n| --- | --- |\n| {rss:.1} | ≤ 40 |\n");
+    a.stop();
+    b.stop();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let what = args.get(1).map(String::as_str).unwrap_or("all");
@@ -552,6 +780,15 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
+    if what == "tor-inner" {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let arti = Path::new(args.get(2).expect("arti config"));
+        rt.block_on(tor_inner(arti, flag("--n", 200), flag("--runs", 5)));
+        return;
+    }
     if what == "store-open" {
         store_open_child(Path::new(args.get(2).expect("dir")));
         return;
@@ -581,6 +818,10 @@ fn main() {
     }
     if what == "lan" {
         lan(flag("--runs", 20));
+        return;
+    }
+    if what == "tor" {
+        tor(flag("--n", 200), flag("--runs", 5));
         return;
     }
     if matches!(what, "all" | "omemo") {
