@@ -194,6 +194,28 @@ fn contacts_reach_each_other_only_through_onion_services() {
     );
     alice.stop();
     bob.stop();
+    // arti's files in the profile (tor/) and the logs name nobody.
+    let alice_key = alice.key();
+    let bob_key = bob.key();
+    let (a_label, b_label) = (alice_key.onion_label(), bob_key.onion_label());
+    for n in [&alice, &bob] {
+        coterie_tests::assert_no_plaintext(
+            &n.dir,
+            &[
+                a_label.as_bytes(),
+                b_label.as_bytes(),
+                alice_key.as_bytes(),
+                bob_key.as_bytes(),
+                b"over tor a0",
+            ],
+        );
+        let log = n.log_text();
+        assert!(
+            !log.contains(&a_label) && !log.contains(&b_label),
+            "{}'s log names an onion address",
+            n.name
+        );
+    }
 }
 
 /// alice and bob on hosts 0 and 1 of `lan`, with `--lan` and Tor from
