@@ -447,6 +447,29 @@ fn onion_pair(tor: &TorNet, root: &std::path::Path) -> (NodeProc, NodeProc) {
     (alice, bob)
 }
 
+/// Each node's status and the end of its log (without arti's chatter
+/// about the tiny test network's paths), for a failure message.
+fn diagnose(nodes: &[&NodeProc]) -> String {
+    let mut out = String::new();
+    for n in nodes {
+        out.push_str(&format!("===== {} status: {}\n", n.name, n.status()));
+        let log = n.log_text();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                !l.contains("Requested ")
+                    && !l.contains("Request failed")
+                    && !l.contains("preemptive circuit")
+            })
+            .collect();
+        for l in &lines[lines.len().saturating_sub(80)..] {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// What a run of [`chat_through_trouble`] saw (printed for the record).
 #[derive(Debug)]
 #[allow(dead_code)]
@@ -516,12 +539,22 @@ fn chat_through_trouble(
             .map(|(_, b, _)| b)
             .collect()
     };
-    let (got_b, got_a) = wait_for("every message both ways", Duration::from_secs(300), || {
+    let (got_b, got_a) = loop {
         let at_bob = inbound(&bob, "alice");
         let at_alice = inbound(&alice, "bob");
-        (at_bob.len() >= a_sent as usize && at_alice.len() >= b_sent as usize)
-            .then_some((at_bob, at_alice))
-    });
+        if at_bob.len() >= a_sent as usize && at_alice.len() >= b_sent as usize {
+            break (at_bob, at_alice);
+        }
+        if drain_start.elapsed() > Duration::from_secs(300) {
+            panic!(
+                "not every message arrived 300 s after the run: bob has {}/{a_sent}, alice {}/{b_sent}\n{}",
+                at_bob.len(),
+                at_alice.len(),
+                diagnose(&[&alice, &bob])
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     let drain = drain_start.elapsed();
     let want_b: Vec<String> = (0..a_sent).map(|i| format!("a{i:05}")).collect();
     let want_a: Vec<String> = (0..b_sent).map(|i| format!("b{i:05}")).collect();

@@ -451,10 +451,14 @@ async fn dial_once(
         ContactState::Redeeming { secret, .. } => GateKey::for_invite(secret),
         _ => GateKey::for_pair(&shared.key, &peer).ok_or("the contact's key is not usable")?,
     };
-    // One attempt: every candidate at once, the first stream wins.
+    // One attempt: every candidate at once, the first stream wins. A
+    // stopping node does not wait for a slow dial (an onion service can
+    // take a minute): it holds the store open.
+    let mut shutdown = shared.shutdown.clone();
     let connected = tokio::select! {
         r = connect_first(shared, addrs, peer, &gate) => r,
         () = found_new.notified() => return Err(DialEnd::FreshAddresses),
+        _ = shutdown.wait_for(|stop| *stop) => return Err(DialEnd::Failed("the node is stopping".into())),
     };
     match connected {
         Ok(mut a) => {
