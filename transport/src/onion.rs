@@ -238,6 +238,8 @@ pub struct Tor {
     service: Mutex<Option<Service>>,
     incoming: Mutex<Option<Incoming>>,
     discovery: Mutex<std::collections::HashMap<PeerId, HsClientDescEncKey>>,
+    /// The discovery keys last given to the service, as strings.
+    last_authorized: Mutex<Option<Vec<String>>>,
 }
 
 struct Incoming {
@@ -285,6 +287,7 @@ impl Tor {
             service: Mutex::new(None),
             incoming: Mutex::new(None),
             discovery: Mutex::new(Default::default()),
+            last_authorized: Mutex::new(None),
         });
         tokio::spawn(bootstrap_loop(Arc::downgrade(&tor)));
         tokio::spawn(stall_watch(Arc::downgrade(&tor.status)));
@@ -338,7 +341,17 @@ impl Tor {
             }
         }
         lock(&self.status).authorized = keys.len();
+        let wanted: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
         let mut svc = lock(&self.service);
+        {
+            // The same list again (most policy refreshes change no key):
+            // nothing to tell arti, no new descriptor.
+            let mut last = lock(&self.last_authorized);
+            if last.as_ref() == Some(&wanted) && (svc.is_some() || keys.is_empty()) {
+                return;
+            }
+            *last = Some(wanted);
+        }
         if keys.is_empty() {
             // arti cannot publish a restricted service with no keys, and
             // with no contacts nobody should reach it: withdraw it.

@@ -319,18 +319,11 @@ async fn dialer(shared: Arc<Shared>, contact: u64) {
                 // Refused: nothing to do. Cleartext: the compat module talks to it.
                 return;
             }
-            let known: Vec<PeerAddr> = c.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-            let found = match (&shared.cfg.discovery, PeerId::from_bytes(c.peer)) {
-                (Some(d), Ok(p)) => d.lookup(&p),
-                _ => Vec::new(),
-            };
-            // Fresh discovery results first: stored addresses may be stale.
             // The onion service last: the LAN is faster when it works.
-            let mut addrs = discovery::merge(&[&found, &known]);
+            let mut addrs = direct_candidates(&shared, &c);
             if shared.tor.is_some()
                 && let Ok(p) = PeerId::from_bytes(c.peer)
             {
-                addrs.retain(|a| a.carrier() != transport::Carrier::Onion);
                 addrs.push(PeerAddr::Onion(p, transport::onion::ONION_PORT));
             }
             if !addrs.is_empty() {
@@ -358,13 +351,20 @@ async fn dialer(shared: Arc<Shared>, contact: u64) {
     }
 }
 
-/// The contact and its LAN candidates (discovery's first, then those its
-/// Jingle `transport-info` named), for a switch away from Tor.
+/// The contact and its LAN candidates, for a switch away from Tor.
 async fn lan_candidates(shared: &Arc<Shared>, contact: u64) -> Option<(Contact, Vec<PeerAddr>)> {
     let c = match db(&shared.store, move |s| s.contact(contact)).await {
         Ok(Ok(Some(c))) if c.state == ContactState::Active => c,
         _ => return None,
     };
+    let addrs = direct_candidates(shared, &c);
+    Some((c, addrs))
+}
+
+/// A contact's LAN and direct candidates: what discovery found first
+/// (stored addresses may be stale), then those its Jingle `transport-info`
+/// named. Never the onion service.
+fn direct_candidates(shared: &Shared, c: &Contact) -> Vec<PeerAddr> {
     let known: Vec<PeerAddr> = c.addrs.iter().filter_map(|a| a.parse().ok()).collect();
     let found = match (&shared.cfg.discovery, PeerId::from_bytes(c.peer)) {
         (Some(d), Ok(p)) => d.lookup(&p),
@@ -372,7 +372,7 @@ async fn lan_candidates(shared: &Arc<Shared>, contact: u64) -> Option<(Contact, 
     };
     let mut addrs = discovery::merge(&[&found, &known]);
     addrs.retain(|a| a.carrier() != transport::Carrier::Onion);
-    Some((c, addrs))
+    addrs
 }
 
 /// Whether an error means the peer refused our ticket or key in the TLS handshake (as
