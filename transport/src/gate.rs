@@ -52,6 +52,15 @@ pub const MAX_TICKETS_PER_HELLO: usize = 2;
 /// can fill it).
 pub const MAX_REMEMBERED: usize = 16_384;
 
+/// 32 bytes of HKDF-SHA-256 (no salt) from `ikm` for `info`: every secret
+/// two contacts derive from what they share.
+pub(crate) fn hkdf32(ikm: &[u8], info: &[u8]) -> Zeroizing<[u8; 32]> {
+    let mut out = Zeroizing::new([0u8; 32]);
+    // 32 bytes is always a valid HKDF-SHA256 output length.
+    let _ = hkdf::Hkdf::<Sha256>::new(None, ikm).expand(info, out.as_mut_slice());
+    out
+}
+
 /// A secret that lets a dialer get past a listener's gate.
 #[derive(Clone)]
 pub struct GateKey(Zeroizing<[u8; 32]>);
@@ -76,10 +85,7 @@ impl GateKey {
     }
 
     fn derive(ikm: &[u8], info: &[u8]) -> GateKey {
-        let mut out = Zeroizing::new([0u8; 32]);
-        // 32 bytes is always a valid HKDF-SHA256 output length.
-        let _ = hkdf::Hkdf::<Sha256>::new(None, ikm).expand(info, out.as_mut_slice());
-        GateKey(out)
+        GateKey(hkdf32(ikm, info))
     }
 
     fn tag(&self, server: &PeerId, window: u32, nonce: &[u8]) -> Hmac<Sha256> {

@@ -30,7 +30,6 @@ use std::time::Duration;
 
 use arti_client::{KeystoreSelector, StreamPrefs, TorClient, TorClientConfig};
 use futures::StreamExt as _;
-use hkdf::Hkdf;
 use sha2::Sha256;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
@@ -126,34 +125,17 @@ pub fn load_config(s: &TorSettings) -> Result<TorClientConfig, TorError> {
     Ok(res.value)
 }
 
-/// A path as a TOML basic string.
+/// A path as a TOML string.
 fn toml_string(p: &Path) -> String {
-    let mut out = String::from("\"");
-    for c in p.to_string_lossy().chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    toml::Value::String(p.to_string_lossy().into_owned()).to_string()
 }
 
-/// An error with its sources, on one line (never `{:?}`: see the Tor note).
-fn report(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
+/// An error with its sources, on one line (arti's reporter; never `{:?}`:
+/// see the Tor note).
+fn report(e: &impl tor_error::ErrorReport) -> String {
+    let r = e.report().to_string();
+    // The reporter starts with "error: "; our messages already say so.
+    r.strip_prefix("error: ").map(str::to_string).unwrap_or(r)
 }
 
 /// The discovery secret one contact uses to read the other's descriptor.
@@ -190,10 +172,7 @@ impl DiscoveryKeys {
     }
 
     fn derive(ikm: &[u8], info: &[u8]) -> DiscoveryKeys {
-        let mut out = Zeroizing::new([0u8; 32]);
-        // 32 bytes is always a valid HKDF-SHA256 output length.
-        let _ = Hkdf::<Sha256>::new(None, ikm).expand(info, out.as_mut_slice());
-        DiscoveryKeys(out)
+        DiscoveryKeys(crate::gate::hkdf32(ikm, info))
     }
 
     /// The public key the service authorizes.
