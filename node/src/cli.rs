@@ -371,6 +371,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                 created: ops::now_secs(),
                 retention_days: store::DEFAULT_RETENTION_DAYS,
                 last_addrs: vec![],
+                settings: Default::default(),
             };
             let s = Store::create(dir, &pw, &p, KdfParams::recommended())?;
             let id = ops::id(&s)?;

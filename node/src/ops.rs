@@ -417,6 +417,28 @@ pub fn history(store: &Store, sel: &str, limit: usize) -> Result<Vec<MessageView
         .collect())
 }
 
+/// One page of a chat for the app: the latest `limit` messages with the
+/// contact `id` whose seq is below `before` (`None`: the latest), oldest first.
+pub fn page(
+    store: &Store,
+    id: u64,
+    before: Option<u64>,
+    limit: usize,
+) -> Result<Vec<MessageView>, OpError> {
+    let c = store
+        .contact(id)?
+        .ok_or_else(|| OpError::Usage("that contact no longer exists".into()))?;
+    let cleartext = matches!(c.state, ContactState::Cleartext { .. });
+    Ok(store
+        .history_before(id, before.unwrap_or(u64::MAX), limit.clamp(1, 10_000))?
+        .iter()
+        .map(|m| MessageView {
+            cleartext,
+            ..MessageView::from(m)
+        })
+        .collect())
+}
+
 fn no_keys(c: &Contact) -> Result<(), OpError> {
     match c.state {
         ContactState::Cleartext { .. } => Err(OpError::Usage(format!(

@@ -757,6 +757,7 @@ async fn session_loop(
         out_acked: st.out_acked,
         limits: shared.cfg.limits,
         rate: shared.cfg.rate,
+        padding: shared.padding,
     };
     let session = Session::new(params, Instant::now());
     let (rd, wr) = tokio::io::split(a.io);
@@ -811,6 +812,9 @@ async fn read_loop(
         _ => PING_DEADLINE_LAN,
     };
     let mut shutdown = shared.shutdown.clone();
+    // With jitter on, new messages leave at this time (the whole queue
+    // waits, so the order holds).
+    let mut send_at: Option<Instant> = None;
     write_out(&mut session, wtx)?;
     loop {
         // A peer over its rate is not read until its time comes (back-pressure),
@@ -821,8 +825,13 @@ async fn read_loop(
         let waiting = flow.sent.is_some_and(|sent| sent > flow.acked);
         let every = if waiting { ACTIVE_PING } else { IDLE_PING };
         let idle = tokio::time::sleep_until((last_rx.max(last_ping) + every).into());
+        let jittered = tokio::time::sleep_until(send_at.unwrap_or_else(Instant::now).into());
         tokio::select! {
             _ = resume, if paused => {}
+            _ = jittered, if send_at.is_some() => {
+                send_at = None;
+                send_outbox(shared, &mut session, contact, &mut flow).await?;
+            }
             () = close.notified() => {
                 session.close();
                 let _ = write_out(&mut session, wtx);
@@ -871,7 +880,15 @@ async fn read_loop(
                 }
             }
             cmd = cmd_rx.recv() => match cmd {
-                Some(ConnCmd::OutboxGrew) => send_outbox(shared, &mut session, contact, &mut flow).await?,
+                Some(ConnCmd::OutboxGrew) => {
+                    let delay = shared.jitter.draw(&mut rand::thread_rng());
+                    match delay {
+                        None => send_outbox(shared, &mut session, contact, &mut flow).await?,
+                        Some(d) => {
+                            send_at.get_or_insert_with(|| Instant::now() + d);
+                        }
+                    }
+                }
                 Some(ConnCmd::Close) | None => {
                     session.close();
                     let _ = write_out(&mut session, wtx);

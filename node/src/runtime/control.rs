@@ -347,6 +347,17 @@ pub(crate) async fn do_send(
 }
 
 async fn contacts(shared: &Arc<Shared>) -> Result<Vec<ContactView>, OpError> {
+    Ok(contacts_by_id(shared)
+        .await?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect())
+}
+
+/// Every contact with its local id and live state.
+pub(crate) async fn contacts_by_id(
+    shared: &Arc<Shared>,
+) -> Result<Vec<(u64, ContactView)>, OpError> {
     let all = db(&shared.store, |s| s.contacts()).await??;
     let mut out = Vec::new();
     for c in all {
@@ -361,7 +372,11 @@ async fn contacts(shared: &Arc<Shared>) -> Result<Vec<ContactView>, OpError> {
                     .map(|_| "xep0174".to_string())
             });
         let store = shared.store.clone();
-        out.push(db(&store, move |s| ops::view(s, &c, live.as_deref())).await??);
+        let id = c.id;
+        out.push((
+            id,
+            db(&store, move |s| ops::view(s, &c, live.as_deref())).await??,
+        ));
     }
     Ok(out)
 }

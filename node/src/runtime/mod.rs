@@ -198,6 +198,10 @@ pub(crate) struct Shared {
     pub(crate) started: Instant,
     pub(crate) stats: Stats,
     pub(crate) events: tokio::sync::broadcast::Sender<NodeEvent>,
+    /// How stream writes are padded (the profile's setting).
+    pub(crate) padding: crate::settings::Padding,
+    /// Random delay before our messages leave (the profile's setting).
+    pub(crate) jitter: crate::settings::Jitter,
 }
 
 #[derive(Debug)]
@@ -473,6 +477,8 @@ impl Node {
             started: Instant::now(),
             stats: Stats::default(),
             events: tokio::sync::broadcast::channel(4096).0,
+            padding: profile.settings.padding,
+            jitter: profile.settings.jitter,
         });
         shared.refresh_policy().await;
         if let Some(d) = &shared.cfg.discovery {
@@ -628,6 +634,13 @@ impl Node {
         name: Option<&str>,
     ) -> Result<crate::ops::ContactView, crate::ops::OpError> {
         control::do_add(&self.shared, uri, name).await
+    }
+
+    /// Every contact with its local id and live state.
+    pub async fn contacts(
+        &self,
+    ) -> Result<Vec<(u64, crate::ops::ContactView)>, crate::ops::OpError> {
+        control::contacts_by_id(&self.shared).await
     }
 
     /// Current status.

@@ -908,11 +908,22 @@ impl Store {
 
     /// The latest `limit` messages with `contact`, oldest first.
     pub fn history(&self, contact: u64, limit: usize) -> Result<Vec<Message>, StoreError> {
+        self.history_before(contact, u64::MAX, limit)
+    }
+
+    /// The latest `limit` messages with `contact` whose seq is below
+    /// `before`, oldest first: one page of a long chat.
+    pub fn history_before(
+        &self,
+        contact: u64,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
         let rx = self.db.begin_read().ctx("read")?;
         let t = rx.open_table(MESSAGES).ctx("open messages")?;
         let mut out = Vec::with_capacity(limit.min(1024));
         for row in t
-            .range((contact, 0)..=(contact, u64::MAX))
+            .range((contact, 0)..(contact, before))
             .ctx("read messages")?
             .rev()
             .take(limit)

@@ -16,6 +16,9 @@ pub struct Profile {
     /// Addresses the node listened on last time it ran (for invites made offline).
     #[serde(default)]
     pub last_addrs: Vec<String>,
+    /// What the user chose in the app.
+    #[serde(default)]
+    pub settings: crate::settings::Settings,
 }
 
 impl std::fmt::Debug for Profile {

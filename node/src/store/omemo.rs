@@ -358,9 +358,10 @@ impl Store {
             let mut p = self.peer_omemo_in(&t, contact)?;
             let found = match p.devices.iter_mut().find(|d| d.id == device) {
                 Some(d) => {
-                    if d.trust == Trust::Untrusted {
-                        d.trust = Trust::Verified;
-                    }
+                    // The user compared the fingerprint: an untrusted device
+                    // becomes trusted, the invite's pinned one is recorded as
+                    // compared too.
+                    d.trust = Trust::Verified;
                     true
                 }
                 None => false,

@@ -32,7 +32,7 @@ use xmpp_parsers::receipts::{Received, Request};
 use xmpp_parsers::sm;
 
 use crate::store::{Incoming, OutStanza};
-use crate::stream::padding;
+use crate::stream::padding::Padding;
 use crate::stream::parser::{
     Condition, Limits, NS_CLIENT, NS_STREAMS, ParseEvent, StreamFault, StreamParser,
 };
@@ -90,6 +90,8 @@ pub struct Params {
     pub limits: Limits,
     /// Input rate.
     pub rate: RateLimit,
+    /// How our units are padded.
+    pub padding: Padding,
 }
 
 /// What the driver must act on.
@@ -238,7 +240,7 @@ impl Session {
     }
 
     fn queue(&mut self, mut unit: Vec<u8>) {
-        padding::pad(&mut unit);
+        self.p.padding.pad(&mut unit);
         self.transmit.push_back(unit);
     }
 

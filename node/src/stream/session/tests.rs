@@ -1,5 +1,5 @@
 use super::*;
-use crate::stream::padding::BUCKETS;
+use crate::stream::padding::Padding;
 use proptest::prelude::*;
 
 fn params(role: Role, in_h: u64, out_acked: u64) -> Params {
@@ -20,6 +20,7 @@ fn params(role: Role, in_h: u64, out_acked: u64) -> Params {
         out_acked,
         limits: Limits::default(),
         rate: RateLimit::default(),
+        padding: Padding::Standard,
     }
 }
 
@@ -29,7 +30,7 @@ fn pump(from: &mut Session, to: &mut Session, now: Instant) -> Vec<Event> {
     let mut wire = Vec::new();
     while let Some(u) = from.poll_transmit() {
         assert!(
-            BUCKETS.contains(&u.len()) || u.len() % 16384 == 0,
+            Padding::Standard.buckets().contains(&u.len()) || u.len() % 16384 == 0,
             "unpadded unit of {} bytes",
             u.len()
         );
