@@ -1,20 +1,24 @@
-//! # coterie-ui
+//! The app's state, as a pure reducer: `(State, Action) → State`.
 //!
-//! The desktop app's state, as a pure reducer: `(State, Action) → State`.
-//! The egui views (to come) render a [`State`] and turn clicks into
-//! [`Action`]s; the node's [`node::runtime::NodeEvent`]s become actions too.
-//! No I/O happens here, so every behaviour a person sees can be unit-tested.
+//! The views render a [`State`] and turn clicks into commands for the
+//! backend; the backend's answers and the node's events come back as
+//! [`Action`]s. No I/O happens here, so every behaviour a person sees can
+//! be unit-tested.
 //!
 //! ```text
-//!   node events ─┐
-//!                ├─▶ reduce(state, action) ─▶ state ─▶ views
-//!   user input ──┘
+//!   backend answers, node events ─┐
+//!                                 ├─▶ reduce(state, action) ─▶ state ─▶ views
+//!   user input (local only) ──────┘
 //! ```
 
 use std::collections::BTreeMap;
 
-use node::ops::{ContactView, MessageView};
+use node::ops::{ContactView, DeviceView, FingerprintsView, IdView, MessageView};
 use node::runtime::NodeEvent;
+use node::settings::Settings;
+
+/// Messages loaded per page of a chat.
+pub const PAGE: usize = 100;
 
 /// One contact in the list.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,41 +33,213 @@ pub struct ContactRow {
     pub online: bool,
 }
 
+impl ContactRow {
+    /// How the contact is reached now, in words: `LAN`, `Tor`, `LAN
+    /// (cleartext)`, `offline`, `invited`.
+    pub fn reach(&self) -> &'static str {
+        if self.view.state == "pending" {
+            return "invited";
+        }
+        if !self.online {
+            return "offline";
+        }
+        match self.view.transport.as_deref() {
+            Some("onion") => "Tor",
+            Some("xep0174") => "LAN (cleartext)",
+            _ => "LAN",
+        }
+    }
+}
+
+/// Which screen is up.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Screen {
+    /// The list of profiles on this device.
+    #[default]
+    Profiles,
+    /// Creating a profile.
+    Create,
+    /// Asking for a profile's passphrase.
+    Unlock(String),
+    /// A profile is open: contacts and chats.
+    Main,
+}
+
+/// What the main screen shows beside the contact list.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Pane {
+    /// The open chat (or a hint to pick one).
+    #[default]
+    Chat,
+    /// A new invite: link and QR code.
+    Invite,
+    /// Pasting someone's invite.
+    AddContact,
+    /// Comparing fingerprints with a contact.
+    Verify(u64),
+    /// Settings.
+    Settings,
+}
+
+/// Tor's state as the status bar shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TorLine {
+    /// 0–100.
+    pub percent: u8,
+    /// What arti is doing.
+    pub phase: String,
+    /// The onion service's state.
+    pub service: String,
+    /// Something the user can act on.
+    pub problem: Option<String>,
+}
+
+/// The node's state for the status bar.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Tor, when on.
+    pub tor: Option<TorLine>,
+    /// LAN discovery on.
+    pub lan: bool,
+    /// Where the node listens.
+    pub listening: Vec<String>,
+    /// Live sessions.
+    pub sessions: usize,
+}
+
+/// A message to the person: an error they can act on, or news.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// The words.
+    pub text: String,
+    /// Whether it is an error.
+    pub error: bool,
+}
+
 /// What the app shows.
 #[derive(Debug, Clone, Default)]
 pub struct State {
+    /// The screen.
+    pub screen: Screen,
+    /// Profiles on this device (directory names).
+    pub profiles: Vec<String>,
+    /// Something slow is running (unlocking, starting the node): its words.
+    pub busy: Option<String>,
+    /// The open profile's name.
+    pub profile: Option<String>,
+    /// Our identity.
+    pub me: Option<IdView>,
     /// Contacts by local id.
     pub contacts: BTreeMap<u64, ContactRow>,
     /// The contact whose chat is open.
     pub open: Option<u64>,
-    /// The open chat's messages, oldest first.
+    /// The open chat's loaded messages, oldest first.
     pub messages: Vec<MessageView>,
-    /// A message to show the user (an error they can act on).
-    pub notice: Option<String>,
+    /// Older messages exist above the loaded ones.
+    pub older: bool,
+    /// The right-hand pane.
+    pub pane: Pane,
+    /// The invite link last made.
+    pub invite: Option<String>,
+    /// Fingerprints for the verification pane.
+    pub fingerprints: Option<(u64, FingerprintsView)>,
+    /// Settings and retention days, as stored.
+    pub settings: Option<(Settings, u32)>,
+    /// Settings were saved that apply at the next start.
+    pub restart_needed: bool,
+    /// The node's state.
+    pub status: Status,
+    /// A message to show.
+    pub notice: Option<Notice>,
 }
 
 /// Something that happened.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// The contact list was (re)loaded from the store.
+    /// The profiles on this device.
+    ProfilesListed(Vec<String>),
+    /// The user wants to create a profile.
+    ShowCreate,
+    /// The user went back to the profile list.
+    ShowProfiles,
+    /// The user picked a profile to unlock.
+    ShowUnlock(String),
+    /// Something slow started.
+    Working(String),
+    /// The profile is open and its node runs.
+    Unlocked {
+        /// Profile (directory) name.
+        profile: String,
+        /// Our identity.
+        me: IdView,
+        /// Stored settings.
+        settings: Settings,
+        /// Retention in days.
+        retention: u32,
+    },
+    /// Opening or creating failed; stay on the form with this message.
+    OpenFailed(String),
+    /// The contact list was (re)loaded.
     ContactsLoaded(Vec<(u64, ContactView)>),
-    /// The user opened a chat; its latest page was loaded.
+    /// A chat was opened with its latest page.
     ChatOpened {
         /// Contact id.
         contact: u64,
         /// Latest messages, oldest first.
         page: Vec<MessageView>,
     },
+    /// An older page of the open chat was loaded.
+    OlderLoaded {
+        /// Contact id.
+        contact: u64,
+        /// Messages, oldest first, all older than the loaded ones.
+        page: Vec<MessageView>,
+    },
     /// The user closed the chat.
     ChatClosed,
     /// The user sent a message; the node stored it.
-    Sent(MessageView),
+    Sent {
+        /// Contact id.
+        contact: u64,
+        /// The message.
+        message: MessageView,
+    },
     /// An event from the node.
     Node(NodeEvent),
-    /// A message arrived in the open chat (loaded after a `Received` event).
-    Arrived(MessageView),
+    /// A message was loaded after a `Received` event.
+    Arrived {
+        /// Contact id.
+        contact: u64,
+        /// The message.
+        message: MessageView,
+    },
+    /// The user switched panes.
+    ShowPane(Pane),
+    /// An invite was made.
+    Invited(String),
+    /// A contact was added from an invite.
+    Added(String),
+    /// Fingerprints for the verification pane.
+    Fingerprints(u64, FingerprintsView),
+    /// The user marked a device verified.
+    Verified(u64, DeviceView),
+    /// Settings were saved.
+    SettingsSaved {
+        /// As stored.
+        settings: Settings,
+        /// Retention days.
+        retention: u32,
+        /// Some apply only at the next start.
+        restart_needed: bool,
+    },
+    /// The node's state changed.
+    Status(Status),
+    /// The open profile was wiped.
+    Wiped,
     /// An operation failed; tell the user.
     Failed(String),
+    /// News for the user (not an error).
+    Info(String),
     /// The user dismissed the notice.
     Dismiss,
 }
@@ -71,13 +247,51 @@ pub enum Action {
 /// Applies an action.
 pub fn reduce(mut s: State, a: Action) -> State {
     match a {
+        Action::ProfilesListed(p) => {
+            s.profiles = p;
+            if s.screen == Screen::Profiles && s.profiles.is_empty() {
+                s.screen = Screen::Create;
+            }
+        }
+        Action::ShowCreate => {
+            s.screen = Screen::Create;
+            s.notice = None;
+        }
+        Action::ShowProfiles => {
+            s.screen = Screen::Profiles;
+            s.notice = None;
+        }
+        Action::ShowUnlock(p) => {
+            s.screen = Screen::Unlock(p);
+            s.notice = None;
+        }
+        Action::Working(w) => s.busy = Some(w),
+        Action::Unlocked {
+            profile,
+            me,
+            settings,
+            retention,
+        } => {
+            s.busy = None;
+            s.notice = None;
+            s.screen = Screen::Main;
+            s.profile = Some(profile);
+            s.me = Some(me);
+            s.settings = Some((settings, retention));
+            s.pane = Pane::Chat;
+        }
+        Action::OpenFailed(msg) => {
+            s.busy = None;
+            s.notice = Some(Notice {
+                text: msg,
+                error: true,
+            });
+        }
         Action::ContactsLoaded(list) => {
             let old = std::mem::take(&mut s.contacts);
             for (id, view) in list {
-                let (unread, online) = old
-                    .get(&id)
-                    .map(|r| (r.unread, r.online))
-                    .unwrap_or((0, view.state == "connected"));
+                let unread = old.get(&id).map(|r| r.unread).unwrap_or(0);
+                let online = view.state == "connected";
                 s.contacts.insert(
                     id,
                     ContactRow {
@@ -94,20 +308,40 @@ pub fn reduce(mut s: State, a: Action) -> State {
             }
         }
         Action::ChatOpened { contact, page } => {
+            s.older = page.len() >= PAGE;
             s.open = Some(contact);
             s.messages = page;
+            s.pane = Pane::Chat;
             if let Some(r) = s.contacts.get_mut(&contact) {
                 r.unread = 0;
+            }
+        }
+        Action::OlderLoaded { contact, page } => {
+            if s.open == Some(contact) {
+                s.older = page.len() >= PAGE;
+                let first = s.messages.first().map(|m| m.seq).unwrap_or(u64::MAX);
+                let mut page: Vec<MessageView> =
+                    page.into_iter().filter(|m| m.seq < first).collect();
+                page.append(&mut s.messages);
+                s.messages = page;
             }
         }
         Action::ChatClosed => {
             s.open = None;
             s.messages.clear();
+            s.older = false;
         }
-        Action::Sent(m) => s.messages.push(m),
-        Action::Arrived(m) => {
-            if !s.messages.iter().any(|x| x.seq == m.seq) {
-                s.messages.push(m);
+        Action::Sent { contact, message } => {
+            if s.open == Some(contact) {
+                insert_in_order(&mut s.messages, message);
+            }
+            if let Some(r) = s.contacts.get_mut(&contact) {
+                r.view.queued += 1;
+            }
+        }
+        Action::Arrived { contact, message } => {
+            if s.open == Some(contact) {
+                insert_in_order(&mut s.messages, message);
             }
         }
         Action::Node(ev) => match ev {
@@ -123,16 +357,111 @@ pub fn reduce(mut s: State, a: Action) -> State {
             NodeEvent::Connection { contact, up } => {
                 if let Some(r) = s.contacts.get_mut(&contact) {
                     r.online = up;
+                    if up {
+                        r.view.state = "connected".into();
+                    } else if r.view.state == "connected" {
+                        r.view.state = "offline".into();
+                    }
                 }
             }
         },
-        Action::Failed(msg) => s.notice = Some(msg),
+        Action::ShowPane(p) => {
+            s.pane = p;
+            s.notice = None;
+        }
+        Action::Invited(link) => {
+            s.invite = Some(link);
+            s.pane = Pane::Invite;
+        }
+        Action::Added(name) => {
+            s.pane = Pane::Chat;
+            s.notice = Some(Notice {
+                text: format!("{name} added. You are connected once their node answers."),
+                error: false,
+            });
+        }
+        Action::Fingerprints(c, f) => {
+            s.fingerprints = Some((c, f));
+            s.pane = Pane::Verify(c);
+        }
+        Action::Verified(c, d) => {
+            if let Some((fc, f)) = &mut s.fingerprints
+                && *fc == c
+                && let Some(x) = f.devices.iter_mut().find(|x| x.device == d.device)
+            {
+                *x = d;
+            }
+        }
+        Action::SettingsSaved {
+            settings,
+            retention,
+            restart_needed,
+        } => {
+            s.settings = Some((settings, retention));
+            s.restart_needed |= restart_needed;
+            s.notice = Some(Notice {
+                text: if s.restart_needed {
+                    "Settings saved. Network settings apply the next time you open this profile."
+                        .into()
+                } else {
+                    "Settings saved.".into()
+                },
+                error: false,
+            });
+        }
+        Action::Status(st) => s.status = st,
+        Action::Wiped => {
+            let profile = s.profile.take();
+            s = State {
+                profiles: s
+                    .profiles
+                    .into_iter()
+                    .filter(|p| Some(p) != profile.as_ref())
+                    .collect(),
+                notice: Some(Notice {
+                    text: "The profile was wiped.".into(),
+                    error: false,
+                }),
+                ..State::default()
+            };
+        }
+        Action::Failed(msg) => {
+            s.busy = None;
+            s.notice = Some(Notice {
+                text: msg,
+                error: true,
+            });
+        }
+        Action::Info(msg) => {
+            s.notice = Some(Notice {
+                text: msg,
+                error: false,
+            });
+        }
         Action::Dismiss => s.notice = None,
     }
     s
 }
 
+/// Inserts by seq, replacing a message already loaded (a later state).
+fn insert_in_order(v: &mut Vec<MessageView>, m: MessageView) {
+    match v.binary_search_by_key(&m.seq, |x| x.seq) {
+        Ok(i) => {
+            // States only move forward: keep a "delivered" already shown.
+            if !(v[i].state == "delivered" && m.state != "delivered") {
+                v[i] = m;
+            }
+        }
+        Err(i) => v.insert(i, m),
+    }
+}
+
 fn set_state(s: &mut State, contact: u64, seq: u64, state: &str) {
+    if let Some(r) = s.contacts.get_mut(&contact)
+        && state == "sent"
+    {
+        r.view.queued = r.view.queued.saturating_sub(1);
+    }
     if s.open != Some(contact) {
         return;
     }
@@ -158,7 +487,7 @@ mod tests {
             jid: format!("{name}.onion"),
             fingerprint: "0000".into(),
             state: state.into(),
-            transport: None,
+            transport: (state == "connected").then(|| "tcp".into()),
             last_seen: None,
             queued: 0,
             cleartext: false,
@@ -178,9 +507,26 @@ mod tests {
         }
     }
 
+    fn me() -> IdView {
+        IdView {
+            jid: "alice@x.onion".into(),
+            onion: "x.onion".into(),
+            fingerprint: "1234".into(),
+        }
+    }
+
     fn loaded() -> State {
-        reduce(
+        let s = reduce(
             State::default(),
+            Action::Unlocked {
+                profile: "default".into(),
+                me: me(),
+                settings: Settings::default(),
+                retention: 30,
+            },
+        );
+        reduce(
+            s,
             Action::ContactsLoaded(vec![
                 (1, contact("bob", "connected")),
                 (2, contact("carol", "offline")),
@@ -188,19 +534,55 @@ mod tests {
         )
     }
 
+    fn open(s: State, contact: u64, page: Vec<MessageView>) -> State {
+        reduce(s, Action::ChatOpened { contact, page })
+    }
+
+    #[test]
+    fn onboarding_goes_to_create_without_profiles_and_keeps_errors_on_the_form() {
+        let s = reduce(State::default(), Action::ProfilesListed(vec![]));
+        assert_eq!(s.screen, Screen::Create);
+        let s = reduce(
+            State::default(),
+            Action::ProfilesListed(vec!["default".into(), "work".into()]),
+        );
+        assert_eq!(s.screen, Screen::Profiles);
+        let s = reduce(s, Action::ShowUnlock("work".into()));
+        let s = reduce(s, Action::Working("Unlocking…".into()));
+        assert!(s.busy.is_some());
+        let s = reduce(s, Action::OpenFailed("Wrong passphrase.".into()));
+        assert_eq!(s.screen, Screen::Unlock("work".into()));
+        assert!(s.busy.is_none());
+        assert!(s.notice.as_ref().is_some_and(|n| n.error));
+        let s = reduce(
+            s,
+            Action::Unlocked {
+                profile: "work".into(),
+                me: me(),
+                settings: Settings::default(),
+                retention: 30,
+            },
+        );
+        assert_eq!(s.screen, Screen::Main);
+        assert!(
+            s.notice.is_none(),
+            "a stale error does not follow into the app"
+        );
+    }
+
     #[test]
     fn unread_counts_only_for_closed_chats_and_clear_on_open() {
         let s = loaded();
         assert!(s.contacts[&1].online && !s.contacts[&2].online);
+        assert_eq!(s.contacts[&1].reach(), "LAN");
+        assert_eq!(s.contacts[&2].reach(), "offline");
         let s = reduce(s, Action::Node(NodeEvent::Received { contact: 2, seq: 1 }));
         let s = reduce(s, Action::Node(NodeEvent::Received { contact: 2, seq: 2 }));
         assert_eq!(s.contacts[&2].unread, 2);
-        let s = reduce(
+        let s = open(
             s,
-            Action::ChatOpened {
-                contact: 2,
-                page: vec![msg(1, "in", "received"), msg(2, "in", "received")],
-            },
+            2,
+            vec![msg(1, "in", "received"), msg(2, "in", "received")],
         );
         assert_eq!(s.contacts[&2].unread, 0);
         let s = reduce(s, Action::Node(NodeEvent::Received { contact: 2, seq: 3 }));
@@ -208,39 +590,80 @@ mod tests {
             s.contacts[&2].unread, 0,
             "the open chat does not count unread"
         );
+        // A reload keeps the unread counts it has.
+        let s = reduce(s, Action::Node(NodeEvent::Received { contact: 1, seq: 9 }));
+        let s = reduce(
+            s,
+            Action::ContactsLoaded(vec![
+                (1, contact("bob", "connected")),
+                (2, contact("carol", "offline")),
+            ]),
+        );
+        assert_eq!(s.contacts[&1].unread, 1);
     }
 
     #[test]
     fn delivery_states_move_forward_only() {
+        let s = open(loaded(), 1, vec![]);
         let s = reduce(
-            loaded(),
-            Action::ChatOpened {
+            s,
+            Action::Sent {
                 contact: 1,
-                page: vec![],
+                message: msg(5, "out", "queued"),
             },
         );
-        let s = reduce(s, Action::Sent(msg(5, "out", "queued")));
+        assert_eq!(s.contacts[&1].view.queued, 1);
         let s = reduce(s, Action::Node(NodeEvent::Delivered { contact: 1, seq: 5 }));
         let s = reduce(s, Action::Node(NodeEvent::Sent { contact: 1, seq: 5 }));
         assert_eq!(s.messages[0].state, "delivered");
+        assert_eq!(s.contacts[&1].view.queued, 0);
         // Events for another chat do not touch this one.
-        let s = reduce(s, Action::Sent(msg(6, "out", "queued")));
+        let s = reduce(
+            s,
+            Action::Sent {
+                contact: 1,
+                message: msg(6, "out", "queued"),
+            },
+        );
         let s = reduce(s, Action::Node(NodeEvent::Delivered { contact: 2, seq: 6 }));
         assert_eq!(s.messages[1].state, "queued");
     }
 
     #[test]
-    fn arrivals_are_not_duplicated_and_connections_update() {
+    fn arrivals_are_not_duplicated_and_stay_in_order() {
+        let s = open(loaded(), 1, vec![msg(1, "in", "received")]);
         let s = reduce(
-            loaded(),
-            Action::ChatOpened {
+            s,
+            Action::Arrived {
                 contact: 1,
-                page: vec![msg(1, "in", "received")],
+                message: msg(3, "in", "received"),
             },
         );
-        let s = reduce(s, Action::Arrived(msg(1, "in", "received")));
-        let s = reduce(s, Action::Arrived(msg(2, "in", "received")));
-        assert_eq!(s.messages.len(), 2);
+        let s = reduce(
+            s,
+            Action::Arrived {
+                contact: 1,
+                message: msg(1, "in", "received"),
+            },
+        );
+        let s = reduce(
+            s,
+            Action::Arrived {
+                contact: 1,
+                message: msg(2, "in", "received"),
+            },
+        );
+        let seqs: Vec<u64> = s.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        // A message for a chat that is not open is not shown here.
+        let s = reduce(
+            s,
+            Action::Arrived {
+                contact: 2,
+                message: msg(4, "in", "received"),
+            },
+        );
+        assert_eq!(s.messages.len(), 3);
         let s = reduce(
             s,
             Action::Node(NodeEvent::Connection {
@@ -249,17 +672,40 @@ mod tests {
             }),
         );
         assert!(!s.contacts[&1].online);
+        assert_eq!(s.contacts[&1].reach(), "offline");
+    }
+
+    #[test]
+    fn older_pages_are_prepended_and_say_whether_more_exist() {
+        let latest: Vec<MessageView> = (101..=200).map(|i| msg(i, "in", "received")).collect();
+        let s = open(loaded(), 1, latest);
+        assert!(s.older, "a full page means there may be more");
+        let older: Vec<MessageView> = (51..=100).map(|i| msg(i, "in", "received")).collect();
+        let s = reduce(
+            s,
+            Action::OlderLoaded {
+                contact: 1,
+                page: older,
+            },
+        );
+        assert!(!s.older, "a short page is the beginning");
+        assert_eq!(s.messages.len(), 150);
+        assert!(s.messages.windows(2).all(|w| w[0].seq < w[1].seq));
+        // A page for a chat closed meanwhile is dropped.
+        let s = reduce(s, Action::ChatClosed);
+        let s = reduce(
+            s,
+            Action::OlderLoaded {
+                contact: 1,
+                page: vec![msg(1, "in", "received")],
+            },
+        );
+        assert!(s.messages.is_empty());
     }
 
     #[test]
     fn a_removed_contact_closes_its_chat_and_notices_can_be_dismissed() {
-        let s = reduce(
-            loaded(),
-            Action::ChatOpened {
-                contact: 2,
-                page: vec![msg(1, "in", "received")],
-            },
-        );
+        let s = open(loaded(), 2, vec![msg(1, "in", "received")]);
         let s = reduce(
             s,
             Action::ContactsLoaded(vec![(1, contact("bob", "connected"))]),
@@ -269,5 +715,62 @@ mod tests {
         let s = reduce(s, Action::Failed("no such contact".into()));
         assert!(s.notice.is_some());
         assert!(reduce(s, Action::Dismiss).notice.is_none());
+    }
+
+    #[test]
+    fn settings_that_need_a_restart_say_so_and_wipe_returns_to_the_profiles() {
+        let s = loaded();
+        let set = Settings {
+            lan: true,
+            ..Settings::default()
+        };
+        let s = reduce(
+            s,
+            Action::SettingsSaved {
+                settings: set.clone(),
+                retention: 7,
+                restart_needed: true,
+            },
+        );
+        assert_eq!(s.settings, Some((set, 7)));
+        assert!(
+            s.notice
+                .as_ref()
+                .is_some_and(|n| n.text.contains("next time"))
+        );
+        let s = reduce(
+            State {
+                profiles: vec!["default".into(), "work".into()],
+                ..s
+            },
+            Action::Wiped,
+        );
+        assert_eq!(s.screen, Screen::Profiles);
+        assert_eq!(s.profiles, ["work"]);
+        assert!(s.contacts.is_empty() && s.me.is_none());
+    }
+
+    #[test]
+    fn verification_updates_the_device_shown() {
+        let dev = |trust: &str| DeviceView {
+            device: 7,
+            fingerprint: "ab".into(),
+            trust: trust.into(),
+            versions: vec![],
+        };
+        let f = FingerprintsView {
+            contact: "bob".into(),
+            own: dev("own"),
+            devices: vec![dev("undecided")],
+        };
+        let s = reduce(loaded(), Action::Fingerprints(1, f));
+        assert_eq!(s.pane, Pane::Verify(1));
+        let s = reduce(s, Action::Verified(1, dev("verified")));
+        assert_eq!(
+            s.fingerprints
+                .as_ref()
+                .map(|(_, f)| f.devices[0].trust.as_str()),
+            Some("verified")
+        );
     }
 }

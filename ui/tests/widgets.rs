@@ -1,0 +1,329 @@
+//! The real widgets, driven through their accessible names (egui_kittest):
+//! onboarding, adding a contact, sending, verifying. Each app runs a real
+//! backend and node on 127.0.0.1 (no Tor, no LAN: nothing leaves loopback).
+//! After every settled frame the harness also checks that every control
+//! has an accessible name.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use coterie_ui::state::{Pane, Screen};
+use coterie_ui::{App, Backend, BackendConfig};
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use node::store::crypto::KdfParams;
+
+fn backend(base: &Path) -> Backend {
+    let mut kdf = KdfParams::recommended();
+    // Cheap keys: these tests are about widgets, not Argon2.
+    kdf.m_kib = 256;
+    kdf.t = 1;
+    Backend::start(
+        BackendConfig {
+            base: base.to_path_buf(),
+            kdf,
+            no_tor: true,
+            no_lan: true,
+            listen: Some("127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"))),
+        },
+        || {},
+    )
+}
+
+fn harness(base: &Path) -> Harness<'static, App> {
+    Harness::builder()
+        .with_size([1000.0, 700.0])
+        .build_ui_state(|ui, app: &mut App| app.ui(ui), App::new(backend(base)))
+}
+
+/// Steps frames until `cond` holds (the backend answers asynchronously).
+fn until(h: &mut Harness<'_, App>, what: &str, cond: impl Fn(&App) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        h.step();
+        if cond(h.state()) {
+            // Let the frame that shows it settle, then check every control
+            // is named.
+            h.step();
+            h.step();
+            h.check_accessibility();
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; state: {:?}",
+            h.state().state
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn type_into(h: &mut Harness<'_, App>, label: &str, text: &str) {
+    h.get_by_label(label).focus();
+    h.step();
+    h.get_by_label(label).type_text(text);
+    h.step();
+}
+
+fn click(h: &mut Harness<'_, App>, label: &str) {
+    h.get_by_label(label).click();
+    // One frame handles the click, the next shows what it changed.
+    h.step();
+    h.step();
+}
+
+fn create(h: &mut Harness<'_, App>, name: &str, pass: &str) {
+    until(h, "the create form (no profile yet)", |a| {
+        a.state.screen == Screen::Create
+    });
+    type_into(h, "Your name", name);
+    type_into(h, "Passphrase", pass);
+    type_into(h, "Repeat passphrase", pass);
+    h.step();
+    click(h, "Create profile");
+    until(h, "the profile to open", |a| a.state.screen == Screen::Main);
+}
+
+#[test]
+fn onboarding_creates_a_profile_then_refuses_a_wrong_passphrase_and_opens_with_the_right_one() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    {
+        let mut h = harness(dir.path());
+        until(&mut h, "the create form", |a| {
+            a.state.screen == Screen::Create
+        });
+        // The create button stays disabled until the form is complete.
+        type_into(&mut h, "Your name", "alice");
+        type_into(&mut h, "Passphrase", "short");
+        h.step();
+        assert!(
+            h.query_by_label_contains("Passphrase strength: very weak")
+                .is_some(),
+            "the strength of a weak passphrase is shown"
+        );
+        click(&mut h, "Create profile");
+        h.step();
+        assert_eq!(
+            h.state().state.screen,
+            Screen::Create,
+            "not created with a short passphrase"
+        );
+        // Strength goes up with a better one.
+        h.get_by_label("Passphrase").focus();
+        h.step();
+        h.get_by_label("Passphrase")
+            .type_text(" correct horse battery staple");
+        type_into(
+            &mut h,
+            "Repeat passphrase",
+            "short correct horse battery staple",
+        );
+        h.step();
+        assert!(
+            h.query_by_label_contains("Passphrase strength: strong")
+                .is_some()
+                || h.query_by_label_contains("Passphrase strength: good")
+                    .is_some(),
+            "a long passphrase is rated good or strong"
+        );
+        click(&mut h, "Create profile");
+        until(&mut h, "the main screen", |a| {
+            a.state.screen == Screen::Main
+        });
+        assert!(h.query_by_label("Invite someone").is_some());
+        assert!(h.query_by_label_contains("No contacts yet").is_some());
+    }
+    // A new start: the chooser lists the profile; a wrong passphrase is a
+    // clear message and leaves the form up.
+    let mut h = harness(dir.path());
+    until(&mut h, "the profile list", |a| {
+        a.state.screen == Screen::Profiles && a.state.profiles == ["default"]
+    });
+    click(&mut h, "Open default");
+    type_into(&mut h, "Passphrase", "not the passphrase");
+    click(&mut h, "Unlock");
+    until(&mut h, "the refusal", |a| {
+        a.state.notice.as_ref().is_some_and(|n| n.error)
+    });
+    assert!(h.query_by_label_contains("Wrong passphrase").is_some());
+    assert_eq!(h.state().state.screen, Screen::Unlock("default".into()));
+    type_into(&mut h, "Passphrase", "short correct horse battery staple");
+    click(&mut h, "Unlock");
+    until(&mut h, "the main screen", |a| {
+        a.state.screen == Screen::Main
+    });
+    // A second, unlinkable profile can be made beside it.
+    assert_eq!(
+        coterie_ui::backend::list_profiles(dir.path()),
+        ["default"],
+        "one profile on disk"
+    );
+}
+
+#[test]
+fn two_apps_add_each_other_chat_and_verify() {
+    let da = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let db = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut a = harness(da.path());
+    let mut b = harness(db.path());
+    create(&mut a, "alice", "alice passphrase one");
+    create(&mut b, "bob", "bob passphrase two");
+
+    // Alice makes an invite: a link and a QR code.
+    click(&mut a, "Invite someone");
+    until(&mut a, "the invite", |x| x.state.invite.is_some());
+    assert_eq!(a.state().state.pane, Pane::Invite);
+    assert!(a.query_by_label("QR code of the invite link").is_some());
+    let link = a.state().state.invite.clone().unwrap_or_default();
+    assert!(link.contains("coterie-invite"), "{link}");
+
+    // Bob pastes it.
+    click(&mut b, "Add contact");
+    type_into(&mut b, "Invite link", "not a link");
+    assert!(
+        b.query_by_label_contains("That is not a Coterie invite")
+            .is_some()
+    );
+    b.get_by_label("Invite link").focus();
+    b.step();
+    b.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    b.step();
+    b.get_by_label("Invite link").type_text(&link);
+    b.step();
+    type_into(&mut b, "Their name (optional)", "alice");
+    click(&mut b, "Add");
+    // Both show the other as connected over the LAN (TCP on loopback).
+    until(&mut b, "alice connected", |x| {
+        x.state
+            .contacts
+            .values()
+            .any(|c| c.view.name == "alice" && c.online)
+    });
+    until(&mut a, "bob connected", |x| {
+        x.state.contacts.values().any(|c| c.online)
+    });
+    assert!(b.query_by_label_contains("alice — LAN").is_some());
+
+    // Bob opens the chat and sends with Enter.
+    click(&mut b, "alice — LAN");
+    until(&mut b, "the chat", |x| x.state.open.is_some());
+    type_into(&mut b, "Message", "hello from the widgets");
+    b.key_press(egui::Key::Enter);
+    b.step();
+    until(&mut b, "the message delivered", |x| {
+        x.state
+            .messages
+            .iter()
+            .any(|m| m.body == "hello from the widgets" && m.state == "delivered")
+    });
+    // Alice sees it as unread, then opens the chat.
+    until(&mut a, "an unread message", |x| {
+        x.state.contacts.values().any(|c| c.unread == 1)
+    });
+    let bob_row = a
+        .state()
+        .state
+        .contacts
+        .values()
+        .find(|c| c.unread == 1)
+        .map(|c| format!("{} — LAN · 1 unread", c.view.name))
+        .unwrap_or_default();
+    click(&mut a, &bob_row);
+    until(&mut a, "the message in alice's chat", |x| {
+        x.state
+            .messages
+            .iter()
+            .any(|m| m.body == "hello from the widgets")
+    });
+    assert!(a.query_by_label("hello from the widgets").is_some());
+    // Bob's one device is the key his invite pinned: not flagged.
+    assert!(a.query_by_label("unverified device").is_none());
+
+    // Verification: both fingerprints side by side, then mark verified.
+    click(&mut a, "Verify fingerprints");
+    until(&mut a, "the fingerprints", |x| {
+        x.state
+            .fingerprints
+            .as_ref()
+            .is_some_and(|(_, f)| !f.devices.is_empty())
+    });
+    assert!(a.query_by_label("Your fingerprint").is_some());
+    let dev = a
+        .state()
+        .state
+        .fingerprints
+        .as_ref()
+        .map(|(_, f)| f.devices[0].device)
+        .unwrap_or_default();
+    click(&mut a, &format!("Mark device {dev} verified"));
+    until(&mut a, "the device verified", |x| {
+        x.state
+            .fingerprints
+            .as_ref()
+            .is_some_and(|(_, f)| f.devices[0].trust == "verified")
+    });
+    assert!(
+        a.query_by_label(&format!("Device {dev}: verified"))
+            .is_some()
+    );
+}
+
+#[test]
+fn sending_to_an_offline_contact_queues_then_delivers_when_it_returns() {
+    let da = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let db = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut a = harness(da.path());
+    create(&mut a, "alice", "alice passphrase one");
+    click(&mut a, "Invite someone");
+    until(&mut a, "the invite", |x| x.state.invite.is_some());
+    let link = a.state().state.invite.clone().unwrap_or_default();
+    {
+        let mut b = harness(db.path());
+        create(&mut b, "bob", "bob passphrase two");
+        click(&mut b, "Add contact");
+        type_into(&mut b, "Invite link", &link);
+        click(&mut b, "Add");
+        until(&mut a, "bob connected", |x| {
+            x.state.contacts.values().any(|c| c.online)
+        });
+        // Bob's app closes (its node stops).
+    }
+    until(&mut a, "bob offline", |x| {
+        x.state.contacts.values().all(|c| !c.online)
+    });
+    let row = a
+        .state()
+        .state
+        .contacts
+        .values()
+        .map(|c| format!("{} — offline", c.view.name))
+        .next()
+        .unwrap_or_default();
+    click(&mut a, &row);
+    until(&mut a, "the chat", |x| x.state.open.is_some());
+    type_into(&mut a, "Message", "while you were away");
+    click(&mut a, "Send");
+    until(&mut a, "the message queued", |x| {
+        x.state
+            .messages
+            .iter()
+            .any(|m| m.body == "while you were away" && m.state == "queued")
+    });
+    // Bob comes back: it is delivered.
+    let mut b = harness(db.path());
+    until(&mut b, "the profile list", |x| {
+        x.state.screen == Screen::Profiles
+    });
+    click(&mut b, "Open default");
+    type_into(&mut b, "Passphrase", "bob passphrase two");
+    click(&mut b, "Unlock");
+    until(&mut b, "bob's main screen", |x| {
+        x.state.screen == Screen::Main
+    });
+    until(&mut a, "the queued message delivered", |x| {
+        x.state
+            .messages
+            .iter()
+            .any(|m| m.body == "while you were away" && m.state == "delivered")
+    });
+}
