@@ -933,9 +933,6 @@ async fn handle_event(
             for seq in sent {
                 let _ = shared.events.send(NodeEvent::Sent { contact, seq });
             }
-            let _ = shared
-                .events
-                .send(NodeEvent::Connection { contact, up: true });
             flow.sent = Some(peer_h);
             flow.acked = peer_h;
             {
@@ -944,6 +941,11 @@ async fn handle_event(
                     e.resumed = true;
                 }
             }
+            // After `resumed` is set: a subscriber that asks for the
+            // contact's state on this event sees it connected.
+            let _ = shared
+                .events
+                .send(NodeEvent::Connection { contact, up: true });
             shared.stats.sessions.fetch_add(1, Ordering::Relaxed);
             tracing::info!("session resumed");
             session.send_candidates(&shared.reachable_at());
