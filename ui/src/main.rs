@@ -16,9 +16,17 @@ struct Args {
     /// Never start Tor, whatever the profile's settings say.
     #[arg(long)]
     no_tor: bool,
+    /// Listen on ADDR (IP:PORT) instead of the profile's setting.
+    #[arg(long, value_name = "ADDR", value_parser = listen)]
+    listen: Option<std::net::SocketAddr>,
     /// Window size, WIDTHxHEIGHT in points.
     #[arg(long, default_value = "960x640", value_parser = size)]
     size: (f32, f32),
+}
+
+fn listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    transport::parse_socket_addr(s)
+        .ok_or_else(|| format!("`{s}` is not IP:PORT (e.g. 192.168.1.20:7474)"))
 }
 
 fn size(s: &str) -> Result<(f32, f32), String> {
@@ -44,7 +52,7 @@ fn main() -> std::process::ExitCode {
         kdf: node::store::crypto::KdfParams::recommended(),
         no_tor: args.no_tor,
         no_lan: false,
-        listen: None,
+        listen: args.listen,
     };
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
@@ -58,6 +66,10 @@ fn main() -> std::process::ExitCode {
         "Coterie",
         options,
         Box::new(move |cc| {
+            // A blinking cursor repaints twice a second forever: an idle
+            // app should draw nothing.
+            cc.egui_ctx
+                .all_styles_mut(|s| s.visuals.text_cursor.blink = false);
             let ctx = cc.egui_ctx.clone();
             let backend = Backend::start(cfg, move || ctx.request_repaint());
             Ok(Box::new(App::new(backend)))

@@ -327,3 +327,94 @@ fn sending_to_an_offline_contact_queues_then_delivers_when_it_returns() {
             .any(|m| m.body == "while you were away" && m.state == "delivered")
     });
 }
+
+#[test]
+fn settings_are_saved_and_wipe_needs_its_confirmation() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut h = harness(dir.path());
+    create(&mut h, "alice", "alice passphrase one");
+    click(&mut h, "Settings");
+    assert_eq!(h.state().state.pane, Pane::Settings);
+    click(
+        &mut h,
+        "Strong: 2 size classes (4 and 16 KiB); slowest over Tor",
+    );
+    click(&mut h, "Light: up to 0.3 s before a message leaves");
+    click(
+        &mut h,
+        "XEP-0174 compatibility with classic clients (DANGEROUS)",
+    );
+    assert!(
+        h.query_by_label_contains("NOT encrypted").is_some(),
+        "the compatibility mode shows its warning"
+    );
+    click(
+        &mut h,
+        "XEP-0174 compatibility with classic clients (DANGEROUS)",
+    );
+    type_into(
+        &mut h,
+        "Listen on (IP:PORT, comma-separated)",
+        "not an address",
+    );
+    click(&mut h, "Save settings");
+    until(&mut h, "the refusal of a bad address", |a| {
+        a.state.notice.as_ref().is_some_and(|n| n.error)
+    });
+    assert!(
+        h.query_by_label_contains("is not an address to listen on")
+            .is_some()
+    );
+    h.get_by_label("Listen on (IP:PORT, comma-separated)")
+        .focus();
+    h.step();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.get_by_label("Listen on (IP:PORT, comma-separated)")
+        .type_text("127.0.0.1:7475");
+    h.step();
+    click(&mut h, "Save settings");
+    until(&mut h, "the settings saved", |a| {
+        a.state
+            .settings
+            .as_ref()
+            .is_some_and(|(s, _)| s.padding == node::settings::Padding::Strong)
+    });
+    let (s, _) = h.state().state.settings.clone().unwrap_or_default();
+    assert_eq!(s.jitter, node::settings::Jitter::Light);
+    assert_eq!(s.listen, ["127.0.0.1:7475"]);
+    assert!(!s.compat);
+    assert!(h.state().state.restart_needed);
+
+    // Wipe: disabled until "wipe" is typed.
+    click(&mut h, "Wipe now");
+    assert_eq!(
+        h.state().state.screen,
+        Screen::Main,
+        "not wiped without the word"
+    );
+    type_into(&mut h, "Type wipe to confirm", "wipe");
+    click(&mut h, "Wipe now");
+    until(&mut h, "the profile list", |a| {
+        a.state.screen == Screen::Profiles || a.state.screen == Screen::Create
+    });
+    assert!(coterie_ui::backend::list_profiles(dir.path()).is_empty());
+    assert!(!dir.path().join("default").join("profile.redb").exists());
+}
+
+#[test]
+fn tab_moves_between_controls_and_enter_presses_them() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut h = harness(dir.path());
+    create(&mut h, "alice", "alice passphrase one");
+    // Tab from nothing focuses the first control, then the next.
+    h.key_press(egui::Key::Tab);
+    h.step();
+    assert!(h.get_by_label("Invite someone").is_focused());
+    h.key_press(egui::Key::Tab);
+    h.step();
+    assert!(h.get_by_label("Add contact").is_focused());
+    h.key_press(egui::Key::Enter);
+    h.step();
+    h.step();
+    assert_eq!(h.state().state.pane, Pane::AddContact);
+}
