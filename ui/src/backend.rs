@@ -94,6 +94,8 @@ pub enum Command {
     },
     /// Stop the node and delete the open profile.
     Wipe,
+    /// Stop the node and close the profile (back to the profile list).
+    Lock,
 }
 
 /// How the backend runs.
@@ -402,6 +404,17 @@ async fn handle(cfg: &BackendConfig, open: &mut Option<Open>, cmd: Command, out:
                 Err(e) => out.send(Action::Failed(e)),
             }
         }
+        Command::Lock => {
+            if let Some(o) = open.take() {
+                out.send(Action::Working("Closing the profile…".into()));
+                o.node.shutdown().await;
+            }
+            let base = cfg.base.clone();
+            let profiles = blocking(move || list_profiles(&base))
+                .await
+                .unwrap_or_default();
+            out.send(Action::Locked(profiles));
+        }
         other => {
             let Some(o) = open.as_ref() else {
                 out.send(Action::Failed("No profile is open.".into()));
@@ -510,8 +523,11 @@ async fn on_node(o: &Open, cmd: Command, out: &Out) -> Result<(), String> {
                 retention,
             });
         }
-        Command::ListProfiles | Command::Create { .. } | Command::Unlock { .. } | Command::Wipe => {
-        }
+        Command::ListProfiles
+        | Command::Create { .. }
+        | Command::Unlock { .. }
+        | Command::Wipe
+        | Command::Lock => {}
     }
     Ok(())
 }

@@ -236,6 +236,8 @@ pub enum Action {
     Status(Status),
     /// The open profile was wiped.
     Wiped,
+    /// The profile was closed; the profiles on this device.
+    Locked(Vec<String>),
     /// An operation failed; tell the user.
     Failed(String),
     /// News for the user (not an error).
@@ -422,6 +424,13 @@ pub fn reduce(mut s: State, a: Action) -> State {
                     text: "The profile was wiped.".into(),
                     error: false,
                 }),
+                ..State::default()
+            };
+        }
+        Action::Locked(profiles) => {
+            // Nothing of the closed profile stays in memory.
+            s = State {
+                profiles,
                 ..State::default()
             };
         }
@@ -748,6 +757,16 @@ mod tests {
         assert_eq!(s.screen, Screen::Profiles);
         assert_eq!(s.profiles, ["work"]);
         assert!(s.contacts.is_empty() && s.me.is_none());
+    }
+
+    #[test]
+    fn locking_forgets_the_profile() {
+        let s = open(loaded(), 1, vec![msg(1, "in", "received")]);
+        let s = reduce(s, Action::Locked(vec!["default".into(), "work".into()]));
+        assert_eq!(s.screen, Screen::Profiles);
+        assert_eq!(s.profiles, ["default", "work"]);
+        assert!(s.me.is_none() && s.contacts.is_empty() && s.messages.is_empty());
+        assert!(s.settings.is_none() && s.invite.is_none());
     }
 
     #[test]

@@ -31,6 +31,15 @@ struct Forms {
     settings: Option<SettingsForm>,
     wipe_confirm: String,
     focus_compose: bool,
+    heights: Heights,
+}
+
+/// Measured heights of chat messages, so that a long history lays out
+/// only the messages in view.
+#[derive(Default)]
+struct Heights {
+    width: f32,
+    by_seq: std::collections::HashMap<(u64, u64), f32>,
 }
 
 #[derive(Clone)]
@@ -339,6 +348,17 @@ impl App {
                         self.forms.settings = None;
                         self.act(Action::ShowPane(Pane::Settings));
                     }
+                    if ui
+                        .button("Lock")
+                        .on_hover_text("Close this profile")
+                        .clicked()
+                    {
+                        self.forms = Forms {
+                            profile: "default".into(),
+                            ..Forms::default()
+                        };
+                        self.backend.send(Command::Lock);
+                    }
                 });
                 ui.separator();
                 if self.state.contacts.is_empty() {
@@ -441,24 +461,16 @@ impl App {
         }
         let older = self.state.older;
         let first = self.state.messages.first().map(|m| m.seq);
-        ScrollArea::vertical()
-            .id_salt(("history", id))
-            .stick_to_bottom(true)
-            .auto_shrink([false, false])
-            .show(ui, |ui| {
-                if older
-                    && let Some(first) = first
-                    && ui.button("Load earlier messages").clicked()
-                {
-                    self.backend.send(Command::Older {
-                        contact: id,
-                        before: first,
-                    });
-                }
-                for m in &self.state.messages {
-                    message(ui, m);
-                }
+        if older
+            && let Some(first) = first
+            && ui.button("Load earlier messages").clicked()
+        {
+            self.backend.send(Command::Older {
+                contact: id,
+                before: first,
             });
+        }
+        history(ui, id, &self.state.messages, &mut self.forms.heights);
     }
 
     fn invite(&mut self, ui: &mut Ui) {
@@ -651,6 +663,51 @@ impl eframe::App for App {
     fn ui(&mut self, ui: &mut Ui, _frame: &mut eframe::Frame) {
         App::ui(self, ui);
     }
+}
+
+/// Height assumed for a message not yet laid out.
+const ESTIMATE: f32 = 40.0;
+
+/// The chat history as a virtual list: every message has a place (its
+/// measured height, or an estimate until it was first shown), but only
+/// those in view are laid out, so a frame costs the same with 100 or
+/// 10,000 messages loaded.
+fn history(ui: &mut Ui, contact: u64, msgs: &[node::ops::MessageView], h: &mut Heights) {
+    let width = ui.available_width();
+    if (width - h.width).abs() > 0.5 {
+        // Text wraps differently: measure again.
+        h.by_seq.clear();
+        h.width = width;
+    }
+    let gap = ui.spacing().item_spacing.y;
+    let mut tops = Vec::with_capacity(msgs.len() + 1);
+    let mut y = 0.0;
+    for m in msgs {
+        tops.push(y);
+        y += h.by_seq.get(&(contact, m.seq)).copied().unwrap_or(ESTIMATE) + gap;
+    }
+    tops.push(y);
+    let total = y;
+    ScrollArea::vertical()
+        .id_salt(("history", contact))
+        .stick_to_bottom(true)
+        .auto_shrink([false, false])
+        .show_viewport(ui, |ui, view| {
+            ui.set_min_height(total);
+            let origin = ui.min_rect().min;
+            let start = tops.partition_point(|t| *t <= view.min.y).saturating_sub(1);
+            let end = tops.partition_point(|t| *t < view.max.y).min(msgs.len());
+            for (i, m) in msgs.iter().enumerate().take(end).skip(start) {
+                let rect = egui::Rect::from_min_size(
+                    origin + egui::vec2(0.0, tops[i]),
+                    egui::vec2(width, f32::INFINITY),
+                );
+                let r = ui
+                    .scope_builder(egui::UiBuilder::new().max_rect(rect), |ui| message(ui, m))
+                    .response;
+                h.by_seq.insert((contact, m.seq), r.rect.height());
+            }
+        });
 }
 
 /// A text field (or other widget) with a visible label that is also its

@@ -152,12 +152,55 @@ fn onboarding_creates_a_profile_then_refuses_a_wrong_passphrase_and_opens_with_t
     until(&mut h, "the main screen", |a| {
         a.state.screen == Screen::Main
     });
-    // A second, unlinkable profile can be made beside it.
-    assert_eq!(
-        coterie_ui::backend::list_profiles(dir.path()),
-        ["default"],
-        "one profile on disk"
+    // Lock, then make a second, unlinkable profile beside it: the chooser
+    // shows both.
+    click(&mut h, "Lock");
+    until(&mut h, "the profile list", |a| {
+        a.state.screen == Screen::Profiles
+    });
+    assert!(
+        h.state().state.me.is_none(),
+        "nothing of the closed profile is kept"
     );
+    click(&mut h, "Create a new profile");
+    type_into(&mut h, "Your name", "alice at work");
+    type_into(&mut h, "Passphrase", "another long passphrase");
+    type_into(&mut h, "Repeat passphrase", "another long passphrase");
+    click(&mut h, "Create profile");
+    until(&mut h, "the second profile open", |a| {
+        a.state.screen == Screen::Main && a.state.profile.as_deref() == Some("profile-2")
+    });
+    click(&mut h, "Lock");
+    until(&mut h, "both profiles listed", |a| {
+        a.state.screen == Screen::Profiles && a.state.profiles == ["default", "profile-2"]
+    });
+    assert!(h.query_by_label("Open default").is_some());
+    assert!(h.query_by_label("Open profile-2").is_some());
+}
+
+#[test]
+fn the_status_bar_shows_tor_progress_lan_and_problems() {
+    use coterie_ui::state::{Status, TorLine};
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut h = harness(dir.path());
+    create(&mut h, "alice", "alice passphrase one");
+    h.state_mut().state.status = Status {
+        tor: Some(TorLine {
+            percent: 45,
+            phase: "fetching directory".into(),
+            service: "Bootstrapping".into(),
+            problem: Some("Tor has not connected after 30 s: check the network".into()),
+        }),
+        lan: true,
+        listening: vec![],
+        sessions: 0,
+    };
+    h.step();
+    h.step();
+    assert!(h.query_by_label("Tor 45%: fetching directory").is_some());
+    assert!(h.query_by_label("Onion service: Bootstrapping").is_some());
+    assert!(h.query_by_label("LAN discovery: on").is_some());
+    assert!(h.query_by_label_contains("Tor has not connected").is_some());
 }
 
 #[test]
@@ -417,4 +460,59 @@ fn tab_moves_between_controls_and_enter_presses_them() {
     h.step();
     h.step();
     assert_eq!(h.state().state.pane, Pane::AddContact);
+}
+
+#[test]
+fn a_long_chat_lays_out_only_what_is_in_view_and_opens_at_the_latest() {
+    use coterie_ui::state::{Action, reduce};
+    use node::ops::{ContactView, MessageView};
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut h = harness(dir.path());
+    create(&mut h, "alice", "alice passphrase one");
+    let st = std::mem::take(&mut h.state_mut().state);
+    let st = reduce(
+        st,
+        Action::ContactsLoaded(vec![(
+            99,
+            ContactView {
+                name: "bob".into(),
+                jid: "b.onion".into(),
+                fingerprint: "ab".into(),
+                state: "offline".into(),
+                transport: None,
+                last_seen: None,
+                queued: 0,
+                cleartext: false,
+            },
+        )]),
+    );
+    let page = (1..=10_000u64)
+        .map(|seq| MessageView {
+            seq,
+            dir: if seq % 2 == 0 { "out" } else { "in" }.into(),
+            body: format!("line {seq}"),
+            ts: 0,
+            state: "delivered".into(),
+            unverified: false,
+            undecryptable: None,
+            cleartext: false,
+        })
+        .collect();
+    h.state_mut().state = reduce(st, Action::ChatOpened { contact: 99, page });
+    for _ in 0..5 {
+        h.step();
+    }
+    assert!(
+        h.query_by_label("line 10000").is_some(),
+        "the latest message is in view"
+    );
+    assert!(
+        h.query_by_label("line 1").is_none(),
+        "the first is not laid out"
+    );
+    let shown = h.query_all_by_label_contains("line ").count();
+    assert!(
+        (5..200).contains(&shown),
+        "{shown} of 10,000 messages laid out"
+    );
 }
