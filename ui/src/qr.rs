@@ -50,3 +50,29 @@ pub fn modules(data: &str) -> Option<(usize, Vec<bool>)> {
             .collect(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invite_link_fits_a_qr_code_with_its_finder_patterns() {
+        // An invite link of the length `coterie invite` makes (two addresses).
+        let link = format!(
+            "xmpp:alice@{}.onion?coterie-invite;v=1;id={};s={};exp=1796080697;addr=tcp:192.168.100.200:7474;addr=quic:192.168.100.200:7474;sig={}",
+            "a".repeat(56),
+            "b".repeat(26),
+            "c".repeat(52),
+            "d".repeat(103)
+        );
+        let (w, m) =
+            modules(&link).unwrap_or_else(|| panic!("no QR code for {} bytes", link.len()));
+        assert_eq!(m.len(), w * w);
+        assert_eq!((w - 17) % 4, 0, "a QR version's width");
+        // The top-left finder: a dark 7×7 ring around a light ring and a dark 3×3 core.
+        for i in 0..7 {
+            assert!(m[i] && m[6 * w + i] && m[i * w] && m[i * w + 6]);
+        }
+        assert!(!m[w + 1] && m[3 * w + 3]);
+    }
+}
