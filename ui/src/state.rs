@@ -760,6 +760,24 @@ mod tests {
     }
 
     #[test]
+    fn reach_names_the_path_in_words() {
+        let row = |state: &str, transport: Option<&str>, online| ContactRow {
+            id: 1,
+            view: ContactView {
+                transport: transport.map(str::to_string),
+                ..contact("bob", state)
+            },
+            unread: 0,
+            online,
+        };
+        assert_eq!(row("connected", Some("onion"), true).reach(), "Tor");
+        assert_eq!(row("connected", Some("quic"), true).reach(), "LAN");
+        assert_eq!(row("connected", Some("xep0174"), true).reach(), "LAN (cleartext)");
+        assert_eq!(row("offline", Some("onion"), false).reach(), "offline");
+        assert_eq!(row("pending", None, false).reach(), "invited");
+    }
+
+    #[test]
     fn locking_forgets_the_profile() {
         let s = open(loaded(), 1, vec![msg(1, "in", "received")]);
         let s = reduce(s, Action::Locked(vec!["default".into(), "work".into()]));
