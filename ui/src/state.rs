@@ -772,7 +772,10 @@ mod tests {
         };
         assert_eq!(row("connected", Some("onion"), true).reach(), "Tor");
         assert_eq!(row("connected", Some("quic"), true).reach(), "LAN");
-        assert_eq!(row("connected", Some("xep0174"), true).reach(), "LAN (cleartext)");
+        assert_eq!(
+            row("connected", Some("xep0174"), true).reach(),
+            "LAN (cleartext)"
+        );
         assert_eq!(row("offline", Some("onion"), false).reach(), "offline");
         assert_eq!(row("pending", None, false).reach(), "invited");
     }

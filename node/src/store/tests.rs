@@ -203,6 +203,29 @@ fn history_pages_the_latest_messages_in_order() {
         h.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
         vec!["m15", "m16", "m17", "m18", "m19"]
     );
+    // Earlier pages, as the app scrolls back: no gap, no overlap, and
+    // another contact's messages never show.
+    let other = s.add_contact(contact(2)).expect("add");
+    s.queue_outgoing(other, "not bob's", 99).expect("q");
+    let mut before = h[0].seq;
+    let mut all: Vec<String> = h.iter().map(|m| m.body.clone()).collect();
+    loop {
+        let page = crate::ops::page(&s, c, Some(before), 6).expect("page");
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.windows(2).all(|w| w[0].seq < w[1].seq));
+        before = page[0].seq;
+        let mut bodies: Vec<String> = page.iter().map(|m| m.body.clone()).collect();
+        bodies.append(&mut all);
+        all = bodies;
+    }
+    let want: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(all, want);
+    assert!(
+        crate::ops::page(&s, 999, None, 5).is_err(),
+        "an unknown contact is an error"
+    );
 }
 
 #[test]
