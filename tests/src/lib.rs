@@ -29,41 +29,33 @@ pub const PASSPHRASE: &str = "test passphrase for coterie";
 /// Path of the `coterie` binary, built once per test process.
 pub fn coterie_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (tools).
-        let exe = std::env::current_exe().expect("current exe");
-        let mut dir = exe.parent().expect("exe dir").to_path_buf();
-        if dir.file_name().is_some_and(|n| n == "deps") {
-            dir.pop();
-        }
-        let profile = match dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_string(),
-            Some(p) => p.to_string(),
-        };
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "--profile",
-                &profile,
-                "-p",
-                "coterie-node",
-                "--bin",
-                "coterie",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cannot run cargo to build the coterie binary");
-        assert!(status.success(), "building the coterie binary failed");
-        let bin = dir.join("coterie");
-        assert!(
-            bin.exists(),
-            "coterie binary not found at {}",
-            bin.display()
-        );
-        bin
-    })
+    BIN.get_or_init(|| build_bin("coterie-node", "coterie"))
+}
+
+/// Builds `bin` of `package` in the cargo profile this test (or tool) was
+/// built with, and returns its path.
+pub fn build_bin(package: &str, bin: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (tools).
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    let profile = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_string(),
+        Some(p) => p.to_string(),
+    };
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--profile", &profile])
+        .args(["-p", package, "--bin", bin])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build {bin}: {e}"));
+    assert!(status.success(), "building {bin} failed");
+    let path = dir.join(bin);
+    assert!(path.exists(), "{bin} not found at {}", path.display());
+    path
 }
 
 /// A free port on 127.0.0.1 for both TCP and UDP (QUIC).

@@ -35,28 +35,6 @@ fn need(tool: &str, package: &str) {
     );
 }
 
-/// The `coterie-app` binary, built in the profile of this test.
-fn app_bin() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let exe = std::env::current_exe().expect("current exe");
-    let mut dir = exe.parent().expect("exe dir").to_path_buf();
-    if dir.file_name().is_some_and(|n| n == "deps") {
-        dir.pop();
-    }
-    let profile = match dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => "dev".to_string(),
-        Some(p) => p.to_string(),
-    };
-    let status = Command::new(cargo)
-        .args(["build", "--quiet", "--profile", &profile])
-        .args(["-p", "coterie-ui", "--bin", "coterie-app"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("cannot run cargo to build coterie-app");
-    assert!(status.success(), "building coterie-app failed");
-    dir.join("coterie-app")
-}
-
 fn x(display: &str, args: &[&str]) -> String {
     let out = Command::new("xdotool")
         .args(args)
@@ -117,7 +95,7 @@ fn the_app_unlocks_chats_with_a_node_on_the_lan_and_stays_idle() {
     need("Xvfb", "xvfb");
     need("xdotool", "xdotool");
     need("import", "imagemagick");
-    let app = app_bin();
+    let app = coterie_tests::build_bin("coterie-ui", "coterie-app");
     let lan = Lan::new(2);
     let tmp = tempfile::tempdir().expect("tmp");
     let shots = std::env::var_os("COTERIE_SCREENSHOTS")

@@ -282,7 +282,8 @@ pub fn reduce(mut s: State, a: Action) -> State {
             s.settings = Some((settings, retention));
             s.pane = Pane::Chat;
         }
-        Action::OpenFailed(msg) => {
+        // Opening failed: the message shows on the form, which stays up.
+        Action::OpenFailed(msg) | Action::Failed(msg) => {
             s.busy = None;
             s.notice = Some(Notice {
                 text: msg,
@@ -433,13 +434,6 @@ pub fn reduce(mut s: State, a: Action) -> State {
                 profiles,
                 ..State::default()
             };
-        }
-        Action::Failed(msg) => {
-            s.busy = None;
-            s.notice = Some(Notice {
-                text: msg,
-                error: true,
-            });
         }
         Action::Info(msg) => {
             s.notice = Some(Notice {
