@@ -470,6 +470,40 @@ mod omemo_state {
         );
     }
 
+    /// What a 1 KB message costs on the wire (the Tor benchmark's
+    /// question): one device, OMEMO 2, the first message of a session.
+    #[test]
+    fn a_1_kb_message_is_one_4_kib_unit_at_the_standard_and_light_levels() {
+        use crate::stream::padding::Padding;
+        let (_d, s, c, ctx) = setup(9);
+        s.omemo_learn(c, ctx.pinned, bundles(9, &[Version::V2]), 0)
+            .expect("learn");
+        let own = OwnOmemo {
+            identity: ctx.identity.clone(),
+            jid: ctx.own_jid.clone(),
+            device_id: ctx.device_id,
+        };
+        let name = s.contact(c).expect("c").expect("contact").name;
+        for _ in 0..2 {
+            crate::ops::send(&s, &name, &"x".repeat(1024), 1, Some(&own)).expect("send");
+        }
+        let out = s.outbox_encrypted(c, 0, usize::MAX, &ctx).expect("outbox");
+        assert_eq!(out.items.len(), 2);
+        for (_, st) in &out.items {
+            let OutStanza::Chat { omemo: Some(x), .. } = st else {
+                panic!("not an encrypted chat stanza")
+            };
+            // The longest stanza id a session writes.
+            let unit =
+                crate::stream::session::encode_encrypted("m18446744073709551615.ffffffff", x, true)
+                    .expect("encode");
+            println!("1 KB body: a {}-byte unit", unit.len());
+            assert!((2048..4096).contains(&unit.len()), "{} bytes", unit.len());
+            assert_eq!(Padding::Standard.padded_len(unit.len()), 4096);
+            assert_eq!(Padding::Light.padded_len(unit.len()), 4096);
+        }
+    }
+
     #[test]
     fn the_largest_accepted_bodies_encrypt_under_the_stanza_limit() {
         let (_d, s, c, ctx) = setup(9);
