@@ -194,3 +194,64 @@ async fn discovery_finds_contacts_whose_addresses_changed() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_strong_jitter_and_padding_messages_arrive_once_in_order_and_not_at_once() {
+    use coterie_node::settings::{Jitter, Padding};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let net = MemoryNetwork::new();
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    create(&da, "alice");
+    create(&db, "bob");
+    // Alice chose the strongest settings in the app.
+    {
+        let s = Store::open(&da, "pw").expect("open");
+        let mut p = s.profile().expect("profile");
+        p.settings.jitter = Jitter::Strong;
+        p.settings.padding = Padding::Strong;
+        s.set_profile(&p).expect("settings");
+    }
+    let a = start(&da, &net, "alice").await;
+    let b = start(&db, &net, "bob").await;
+    let uri = b.invite("1h").await.expect("invite");
+    a.add(&uri, None).await.expect("add");
+    wait_for("session", || {
+        a.status().peers.len() == 1 && b.status().peers.len() == 1
+    })
+    .await;
+    // Many sends in a row: each may wait up to 1.5 s, the order holds.
+    let mut firsts = Vec::new();
+    for round in 0..3 {
+        let t = std::time::Instant::now();
+        let body = format!("r{round}");
+        a.send("bob", &body).await.expect("send");
+        wait_for("delivery", || {
+            states(&b, "alice").iter().any(|(m, _)| *m == body)
+        })
+        .await;
+        firsts.push(t.elapsed());
+    }
+    for i in 0..20 {
+        a.send("bob", &format!("m{i:02}")).await.expect("send");
+    }
+    wait_for("all 20", || states(&b, "alice").len() == 23).await;
+    let got: Vec<String> = states(&b, "alice").into_iter().map(|(m, _)| m).collect();
+    let want: Vec<String> = ["r0", "r1", "r2"]
+        .into_iter()
+        .map(String::from)
+        .chain((0..20).map(|i| format!("m{i:02}")))
+        .collect();
+    assert_eq!(got, want, "every message once, in order");
+    // The jitter is at most 1.5 s a send; the in-memory path takes
+    // milliseconds, so three sends that all left at once would be chance.
+    assert!(
+        firsts.iter().all(|d| *d < Duration::from_secs(5)),
+        "{firsts:?}"
+    );
+    assert!(
+        firsts.iter().any(|d| *d >= Duration::from_millis(20)),
+        "no send was held back: {firsts:?}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
