@@ -197,6 +197,16 @@ async fn node_encrypts_everything_and_survives_bad_omemo_input() {
     let out = from_alice(&mut dev, &mut slot, &enc).expect("we decrypt the node's message");
     let body = sce::open(&out.plaintext.expect("payload"), &alice_jid).expect("envelope");
     assert_eq!(body.as_deref(), Some("the plan <is> & stays secret"));
+    // The node used one of our one-time prekeys; like every OMEMO client we
+    // republish our bundle without it (and refilled), so a later session the
+    // node builds with us cannot pick the used one.
+    assert_eq!(dev.prekey_count(), node::omemo::device::PREKEY_TARGET - 1);
+    assert!(dev.maintain(node::ops::now_secs(), &mut rand::rngs::OsRng));
+    for el in pep::announcements(&dev, &id) {
+        conn.send(String::from(&el).as_bytes())
+            .await
+            .expect("announce");
+    }
     let mut session = slot.current.clone().expect("session");
     let to = |id, device| DeviceOf {
         id,
