@@ -471,7 +471,18 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Asserts no file under `dir` contains any of `needles`.
+///
+/// Needles must be at least 8 bytes: a shorter one turns up by chance in
+/// a megabyte of ciphertext (a 3-byte name does so in about one file in
+/// sixteen), which would make the check fail for no reason.
 pub fn assert_no_plaintext(dir: &Path, needles: &[&[u8]]) {
+    for n in needles {
+        assert!(
+            n.len() >= 8,
+            "needle {:?} is too short to tell plaintext from chance",
+            String::from_utf8_lossy(n)
+        );
+    }
     for f in files_under(dir) {
         let Ok(bytes) = std::fs::read(&f) else {
             continue;

@@ -16,7 +16,8 @@ fn received_once(n: &NodeProc, contact: &str, body: &str) -> bool {
 #[test]
 fn three_nodes_invite_add_and_chat_both_ways() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut nodes: Vec<NodeProc> = ["alice", "bob", "carol"]
+    // Names long enough that finding one in a store is not chance.
+    let mut nodes: Vec<NodeProc> = ["alice-marigold", "bob-quillfeather", "carol-wrenfield"]
         .iter()
         .map(|n| NodeProc::init(tmp.path(), n))
         .collect();
@@ -58,11 +59,11 @@ fn three_nodes_invite_add_and_chat_both_ways() {
 
     // Carol goes away; Alice writes; Carol comes back and gets it once.
     nodes[2].stop();
-    let m = nodes[0].send("carol", "while you were out");
+    let m = nodes[0].send("carol-wrenfield", "while you were out");
     assert_eq!(m["state"], "queued");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
-        texts(&nodes[0], "carol")
+        texts(&nodes[0], "carol-wrenfield")
             .iter()
             .any(|(_, b, s)| b == "while you were out" && s == "queued")
     );
@@ -70,22 +71,24 @@ fn three_nodes_invite_add_and_chat_both_ways() {
     wait_for(
         "queued message delivered after restart",
         Duration::from_secs(30),
-        || delivered(&nodes[0], "carol", "while you were out").then_some(()),
+        || delivered(&nodes[0], "carol-wrenfield", "while you were out").then_some(()),
     );
-    assert!(received_once(&nodes[2], "alice", "while you were out"));
+    assert!(received_once(
+        &nodes[2],
+        "alice-marigold",
+        "while you were out"
+    ));
 
     // The CLI works on the store directly when no node runs.
     for n in nodes.iter_mut() {
         n.stop();
     }
-    let out = nodes[1].cli(&["history", "carol"]);
+    let out = nodes[1].cli(&["history", "carol-wrenfield"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(
-        out.json
-            .iter()
-            .any(|m| m["body"] == "secret note from carol to bob" && m["dir"] == "in")
-    );
-    let out = nodes[1].cli(&["send", "carol", "offline send"]);
+    assert!(out.json.iter().any(|m| m["body"]
+        == "secret note from carol-wrenfield to bob-quillfeather"
+        && m["dir"] == "in"));
+    let out = nodes[1].cli(&["send", "carol-wrenfield", "offline send"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.json[0]["state"], "queued");
 
