@@ -135,6 +135,12 @@ enum Cmd {
         /// New value in days.
         days: Option<u32>,
     },
+    /// The bridge to an ordinary XMPP account (friends on Conversations,
+    /// Dino, Gajim), through Tor.
+    Bridge {
+        #[command(subcommand)]
+        cmd: BridgeCmd,
+    },
     /// What the node is doing.
     Status,
     /// Stop a running node.
@@ -145,6 +151,32 @@ enum Cmd {
         #[arg(long)]
         yes: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum BridgeCmd {
+    /// Log into an XMPP account (password from COTERIE_BRIDGE_PASSWORD, else
+    /// prompted; kept in the encrypted profile). Replaces any account set.
+    Set {
+        /// The account, user@example.org.
+        jid: String,
+        /// Connect to HOST:PORT instead of the account's domain on 5222
+        /// (Tor cannot look up SRV records).
+        #[arg(long, value_name = "HOST:PORT")]
+        server: Option<String>,
+        /// Trust only the certificates in this PEM file (a self-hosted
+        /// server's own CA) instead of the system's.
+        #[arg(long, value_name = "PEM")]
+        ca_file: Option<PathBuf>,
+        /// DANGEROUS: connect without Tor. The server, and everyone on the
+        /// way, sees this device's IP address.
+        #[arg(long = "danger-bridge-without-tor")]
+        danger_bridge_without_tor: bool,
+    },
+    /// What the bridge is doing.
+    Status,
+    /// Log out and forget the account and its password.
+    Off,
 }
 
 struct Fail {
@@ -371,6 +403,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                 created: ops::now_secs(),
                 retention_days: store::DEFAULT_RETENTION_DAYS,
                 last_addrs: vec![],
+                bridge: None,
                 settings: Default::default(),
             };
             let s = Store::create(dir, &pw, &p, KdfParams::recommended())?;
@@ -534,6 +567,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
             }
             Ok(())
         }
+        Cmd::Bridge { cmd } => bridge(cmd, dir, out),
         Cmd::Status => {
             let rt = runtime()?;
             let status: control::StatusView = via_node_or_store(&rt, dir, &Request::Status, |s| {
@@ -553,6 +587,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                     cleartext_presence: None,
                     classic_peers: Vec::new(),
                     tor: None,
+                    bridge: ops::bridge_status(s)?,
                 })
             })?;
             match status {
@@ -589,6 +624,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                             }
                             None => println!("Tor: off"),
                         }
+                        print_bridge(&s.bridge);
                         if let Some(name) = &s.cleartext_presence {
                             println!(
                                 "DANGER: XEP-0174 compatibility mode on; announced in the clear as {name}"
@@ -882,4 +918,109 @@ fn run_node(
         }
         Ok(())
     })
+}
+
+fn bridge_password() -> Result<String, Fail> {
+    if let Ok(p) = std::env::var("COTERIE_BRIDGE_PASSWORD") {
+        return Ok(p);
+    }
+    rpassword::prompt_password("Password of the XMPP account: ").map_err(|_| {
+        fail(
+            2,
+            "no password: set COTERIE_BRIDGE_PASSWORD or run in a terminal",
+        )
+    })
+}
+
+fn bridge(cmd: BridgeCmd, dir: &Path, out: &Out) -> Result<(), Fail> {
+    use coterie_node::bridge::{BridgeAccount, BridgeStatus};
+    let rt = runtime()?;
+    let status: BridgeStatus = match cmd {
+        BridgeCmd::Set {
+            jid,
+            server,
+            ca_file,
+            danger_bridge_without_tor,
+        } => {
+            // Check what can be checked before asking for the password.
+            coterie_node::bridge::parse_account_jid(&jid).map_err(|e| fail(2, e.to_string()))?;
+            if let Some(s) = &server {
+                coterie_node::bridge::parse_server(s).map_err(|e| fail(2, e.to_string()))?;
+            }
+            let ca_pem = match &ca_file {
+                Some(f) => Some(std::fs::read_to_string(f).map_err(|e| {
+                    fail(2, format!("cannot read the CA file {}: {e}", f.display()))
+                })?),
+                None => None,
+            };
+            let password = zeroize::Zeroizing::new(bridge_password()?);
+            let account = BridgeAccount::new(
+                &jid,
+                password.to_string(),
+                server.as_deref(),
+                ca_pem,
+                danger_bridge_without_tor,
+            )
+            .map_err(|e| fail(2, e.to_string()))?;
+            let req = Request::BridgeSet {
+                account: account.clone(),
+            };
+            via_node_or_store(&rt, dir, &req, |s| {
+                ops::bridge_set(s, account.clone())?;
+                Ok(ops::bridge_status(s)?)
+            })?
+        }
+        BridgeCmd::Status => via_node_or_store(&rt, dir, &Request::BridgeStatus, |s| {
+            Ok(ops::bridge_status(s)?)
+        })?,
+        BridgeCmd::Off => {
+            let had: bool =
+                via_node_or_store(&rt, dir, &Request::BridgeOff, |s| Ok(ops::bridge_off(s)?))?;
+            if out.json {
+                out.json(&serde_json::json!({"ok": true, "removed": had}));
+            } else if had {
+                println!("Bridge off: logged out; the account and its password are forgotten.");
+            } else {
+                println!("No bridge account was set.");
+            }
+            return Ok(());
+        }
+    };
+    if out.json {
+        out.json(&status);
+    } else {
+        print_bridge(&status);
+    }
+    Ok(())
+}
+
+fn print_bridge(b: &coterie_node::bridge::BridgeStatus) {
+    use coterie_node::bridge::{BridgeState, Route};
+    let Some(jid) = &b.jid else {
+        println!("Bridge: off (`coterie bridge set you@example.org` reaches friends on XMPP)");
+        return;
+    };
+    let route = match b.route {
+        Some(Route::Direct) => "DIRECTLY, WITHOUT TOR: the server sees this device's IP address",
+        _ => "through Tor",
+    };
+    let state = match b.state {
+        BridgeState::Off => "off",
+        BridgeState::Stopped => "set (starts with `coterie run`)",
+        BridgeState::WaitingForTor => "waiting for Tor",
+        BridgeState::Connecting => "connecting",
+        BridgeState::Online => "online",
+        BridgeState::Retrying => "retrying",
+        BridgeState::Failed => "stopped on an error",
+    };
+    println!(
+        "Bridge: {jid} via {} {route}: {state}",
+        b.server.as_deref().unwrap_or("?")
+    );
+    if let Some(e) = &b.error {
+        println!("  {e}");
+    }
+    if let Some(s) = b.retry_in {
+        println!("  next attempt in {s}s");
+    }
 }

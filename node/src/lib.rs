@@ -1,4 +1,5 @@
 //! # coterie-node
+pub mod bridge;
 pub mod invite;
 pub mod omemo;
 pub mod ops;

@@ -516,6 +516,33 @@ pub fn retention(store: &Store, days: Option<u32>) -> Result<u32, OpError> {
     Ok(p.retention_days)
 }
 
+/// `coterie bridge set`: keeps the account (password included) in the
+/// profile record, which the store seals.
+pub fn bridge_set(store: &Store, acct: crate::bridge::BridgeAccount) -> Result<(), OpError> {
+    let mut p = store.profile()?;
+    p.bridge = Some(acct);
+    store.set_profile(&p)?;
+    Ok(())
+}
+
+/// `coterie bridge off`: forgets the account and its password. Returns
+/// whether there was one.
+pub fn bridge_off(store: &Store) -> Result<bool, OpError> {
+    let mut p = store.profile()?;
+    let had = p.bridge.take().is_some();
+    if had {
+        store.set_profile(&p)?;
+    }
+    Ok(had)
+}
+
+/// `coterie bridge status` when no node runs.
+pub fn bridge_status(store: &Store) -> Result<crate::bridge::BridgeStatus, OpError> {
+    Ok(crate::bridge::BridgeStatus::offline(
+        store.profile()?.bridge.as_ref(),
+    ))
+}
+
 /// Whether a message state counts as done for the sender.
 pub fn is_final(state: Delivery) -> bool {
     matches!(state, Delivery::Delivered | Delivery::Received)

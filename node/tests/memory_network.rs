@@ -25,6 +25,7 @@ fn create(dir: &std::path::Path, name: &str) {
         created: 0,
         retention_days: DEFAULT_RETENTION_DAYS,
         last_addrs: vec![],
+        bridge: None,
         settings: Default::default(),
     };
     Store::create(dir, "pw", &p, kdf()).expect("create");

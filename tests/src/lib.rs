@@ -145,11 +145,17 @@ impl NodeProc {
 
     /// Runs a CLI command on this profile with `--json`.
     pub fn cli(&self, args: &[&str]) -> CliOut {
+        self.cli_env(args, &[])
+    }
+
+    /// Runs a CLI command with `--json` and extra environment.
+    pub fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> CliOut {
         let out = Command::new(coterie_bin())
             .arg("--profile")
             .arg(&self.dir)
             .arg("--json")
             .args(args)
+            .envs(env.iter().copied())
             .env("COTERIE_PASSPHRASE", PASSPHRASE)
             .stdin(Stdio::null())
             .output()

@@ -435,6 +435,24 @@ impl Tor {
             .await
     }
 
+    /// Opens a stream to `host:port` on the ordinary internet through a Tor
+    /// exit (the exit resolves `host`), on circuits of its own: an exit
+    /// relay cannot link it to the node's other streams. Waits for the
+    /// bootstrap; never connects any other way. The error is arti's, in
+    /// words (it may name the host: show it to the user, do not log it).
+    pub async fn connect_exit(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<arti_client::DataStream, String> {
+        let mut prefs = StreamPrefs::new();
+        prefs.new_isolation_group();
+        self.client
+            .connect_with_prefs((host, port), &prefs)
+            .await
+            .map_err(|e| report(&e))
+    }
+
     fn fail(&self, why: String) {
         tracing::warn!("tor: {why}");
         lock(&self.status).error = Some(why);

@@ -367,6 +367,7 @@ async fn handle(cfg: &BackendConfig, open: &mut Option<Open>, cmd: Command, out:
                     created: ops::now_secs(),
                     retention_days: node::store::DEFAULT_RETENTION_DAYS,
                     last_addrs: vec![],
+                    bridge: None,
                     settings: Settings::default(),
                 };
                 Store::create(&dir, &passphrase, &p, kdf)

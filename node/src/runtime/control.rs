@@ -73,6 +73,15 @@ pub enum Request {
         /// New value, if setting.
         days: Option<u32>,
     },
+    /// Set the bridge's account (replacing any) and start it.
+    BridgeSet {
+        /// The account.
+        account: crate::bridge::BridgeAccount,
+    },
+    /// Remove the bridge's account and log out.
+    BridgeOff,
+    /// What the bridge is doing.
+    BridgeStatus,
     /// Node status.
     Status,
     /// Stop the node.
@@ -153,6 +162,13 @@ pub struct StatusView {
     /// Tor, when the node runs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tor: Option<TorView>,
+    /// The bridge to an ordinary XMPP account.
+    #[serde(default = "bridge_off_status")]
+    pub bridge: crate::bridge::BridgeStatus,
+}
+
+fn bridge_off_status() -> crate::bridge::BridgeStatus {
+    crate::bridge::BridgeStatus::offline(None)
 }
 
 /// Tor's state, as `status` shows it.
@@ -266,6 +282,9 @@ async fn dispatch(shared: &Arc<Shared>, req: Request, stop: &watch::Sender<bool>
             Request::Verify { contact, device } => {
                 json(db(&shared.store, move |s| ops::verify(s, &contact, device)).await??)
             }
+            Request::BridgeSet { account } => json(bridge_set(shared, account).await?),
+            Request::BridgeOff => json(bridge_off(shared).await?),
+            Request::BridgeStatus => json(shared.bridge_status()),
             Request::Status => json(status(shared)),
             Request::Stop => {
                 let _ = stop.send(true);
@@ -381,6 +400,22 @@ pub(crate) async fn contacts_by_id(
     Ok(out)
 }
 
+pub(crate) async fn bridge_set(
+    shared: &Arc<Shared>,
+    acct: crate::bridge::BridgeAccount,
+) -> Result<crate::bridge::BridgeStatus, OpError> {
+    let kept = acct.clone();
+    db(&shared.store, move |s| ops::bridge_set(s, kept)).await??;
+    shared.restart_bridge(Some(acct)).await;
+    Ok(shared.bridge_status())
+}
+
+pub(crate) async fn bridge_off(shared: &Arc<Shared>) -> Result<bool, OpError> {
+    let had = db(&shared.store, ops::bridge_off).await??;
+    shared.restart_bridge(None).await;
+    Ok(had)
+}
+
 pub(crate) fn status(shared: &Arc<Shared>) -> StatusView {
     let names: std::collections::HashMap<u64, String> = shared
         .store
@@ -439,6 +474,7 @@ pub(crate) fn status(shared: &Arc<Shared>) -> StatusView {
             }
         },
         cleartext_presence: shared.compat.get().map(|c| c.instance().to_string()),
+        bridge: shared.bridge_status(),
         classic_peers: shared.compat.get().map(|c| c.seen()).unwrap_or_default(),
     }
 }

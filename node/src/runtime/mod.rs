@@ -202,6 +202,8 @@ pub(crate) struct Shared {
     pub(crate) padding: crate::settings::Padding,
     /// Random delay before our messages leave (the profile's setting).
     pub(crate) jitter: crate::settings::Jitter,
+    /// The bridge to an ordinary XMPP account, when one is set.
+    pub(crate) bridge: Mutex<Option<crate::bridge::session::Bridge>>,
 }
 
 #[derive(Debug)]
@@ -479,6 +481,7 @@ impl Node {
             events: tokio::sync::broadcast::channel(4096).0,
             padding: profile.settings.padding,
             jitter: profile.settings.jitter,
+            bridge: Mutex::new(None),
         });
         shared.refresh_policy().await;
         if let Some(d) = &shared.cfg.discovery {
@@ -576,6 +579,9 @@ impl Node {
         tasks.spawn(conn::accept_loop(shared.clone(), acc_rx));
         tasks.spawn(conn::dial_manager(shared.clone()));
         tasks.spawn(retention_loop(shared.clone()));
+        if let Some(acct) = profile.bridge.clone() {
+            shared.restart_bridge(Some(acct)).await;
+        }
         if cfg.control_socket {
             let path = store.dir().join(control::SOCKET_NAME);
             let listener = control::bind(&path).map_err(|source| StartError::Control {
@@ -678,11 +684,36 @@ impl Node {
         for c in conns {
             c.notify_one();
         }
+        self.shared.restart_bridge(None).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.tasks.shutdown().await;
         if self.shared.cfg.control_socket {
             let _ = std::fs::remove_file(self.shared.store.dir().join(control::SOCKET_NAME));
         }
+    }
+}
+
+impl Shared {
+    /// Stops the bridge, if one runs, and starts `acct`'s.
+    pub(crate) async fn restart_bridge(&self, acct: Option<crate::bridge::BridgeAccount>) {
+        let old = self.bridge.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(b) = old {
+            b.stop().await;
+        }
+        if let Some(acct) = acct {
+            let b = crate::bridge::session::Bridge::start(acct, self.tor.clone());
+            *self.bridge.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
+        }
+    }
+
+    /// What the bridge is doing.
+    pub(crate) fn bridge_status(&self) -> crate::bridge::BridgeStatus {
+        self.bridge
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|b| b.status())
+            .unwrap_or_else(|| crate::bridge::BridgeStatus::offline(None))
     }
 }
 

@@ -19,6 +19,9 @@ pub struct Profile {
     /// What the user chose in the app.
     #[serde(default)]
     pub settings: crate::settings::Settings,
+    /// The ordinary XMPP account the bridge logs into, if the user set one.
+    #[serde(default)]
+    pub bridge: Option<crate::bridge::BridgeAccount>,
 }
 
 impl std::fmt::Debug for Profile {

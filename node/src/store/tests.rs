@@ -17,6 +17,7 @@ fn profile() -> Profile {
         created: 1,
         retention_days: DEFAULT_RETENTION_DAYS,
         last_addrs: vec![],
+        bridge: None,
         settings: Default::default(),
     }
 }

@@ -42,6 +42,7 @@ fn create(dir: &Path, name: &str) {
         created: 0,
         retention_days: DEFAULT_RETENTION_DAYS,
         last_addrs: vec![],
+        bridge: None,
         settings: Default::default(),
     };
     Store::create(dir, PASS, &p, KdfParams::recommended()).expect("create");

@@ -1,0 +1,450 @@
+//! Keeping the account online: logins with backoff (stopping on what only
+//! the user can fix), a stanza stream with stream management, and answers
+//! to what the server and others ask that reveal nothing.
+//!
+//! The session sends no presence yet: the server then keeps messages for
+//! the account (offline storage, its archive) instead of handing them to a
+//! session that cannot show them. Presence starts with message delivery
+//! over the bridge.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use tokio::sync::{oneshot, watch};
+use tokio_xmpp::Stanza;
+use tokio_xmpp::parsers::iq::Iq;
+use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+use tokio_xmpp::stanzastream::{Connection, Event, StanzaStream, StreamEvent};
+
+use super::connect::{self, Dial};
+use super::{BridgeAccount, BridgeError, BridgeState, BridgeStatus, backoff};
+
+/// Stanzas queued in each direction before senders wait.
+const QUEUE_DEPTH: usize = 64;
+
+/// A running bridge.
+#[derive(Debug)]
+pub struct Bridge {
+    status: Arc<Mutex<BridgeStatus>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Bridge {
+    /// Starts keeping `acct` online. `tor` is the node's Tor client, if it
+    /// runs one; an account that goes through Tor waits for it and, on a
+    /// node without Tor, stops with [`BridgeError::TorOff`].
+    pub fn start(acct: BridgeAccount, tor: Option<Arc<transport::onion::Tor>>) -> Bridge {
+        let mut first = BridgeStatus::offline(Some(&acct));
+        first.state = BridgeState::Connecting;
+        let status = Arc::new(Mutex::new(first));
+        let (stop, stopped) = watch::channel(false);
+        let dial = match (acct.direct, tor) {
+            (true, _) => Ok(Dial::Direct),
+            (false, Some(tor)) => Ok(Dial::Tor(tor)),
+            (false, None) => Err(BridgeError::TorOff),
+        };
+        let task = tokio::spawn(run(acct, dial, status.clone(), stopped));
+        Bridge { status, stop, task }
+    }
+
+    /// What it is doing.
+    pub fn status(&self) -> BridgeStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Logs out and stops.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.task).await;
+    }
+}
+
+fn set(status: &Mutex<BridgeStatus>, f: impl FnOnce(&mut BridgeStatus)) {
+    f(&mut lock(status));
+}
+
+fn fail(status: &Mutex<BridgeStatus>, e: &BridgeError) {
+    tracing::warn!(fatal = e.is_fatal(), "bridge: {}", kind(e));
+    set(status, |s| {
+        s.state = if e.is_fatal() {
+            BridgeState::Failed
+        } else {
+            BridgeState::Retrying
+        };
+        s.error = Some(e.to_string());
+    });
+}
+
+/// The error's kind, for the log (the message may name the server).
+fn kind(e: &BridgeError) -> &'static str {
+    match e {
+        BridgeError::TorOff => "Tor is off",
+        BridgeError::Tor(_) => "Tor could not reach the server",
+        BridgeError::Unreachable(_) => "server unreachable",
+        BridgeError::Certificate { .. } => "certificate not valid",
+        BridgeError::NoTls => "no STARTTLS",
+        BridgeError::Auth(_) => "login refused",
+        BridgeError::Stream(_) => "stream closed",
+        BridgeError::Protocol(_) => "protocol error",
+        BridgeError::Account(_) => "account unusable",
+    }
+}
+
+async fn run(
+    acct: BridgeAccount,
+    dial: Result<Dial, BridgeError>,
+    status: Arc<Mutex<BridgeStatus>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let setup = dial.and_then(|d| Ok((d, connect::tls_config(&acct)?)));
+    let (dial, tls) = match setup {
+        Ok(v) => v,
+        Err(e) => return fail(&status, &e),
+    };
+    // Set when the session ends (stopped, or an error the user must fix):
+    // from then on every connection the stream asks for is a dead one.
+    let ended = Arc::new(AtomicBool::new(false));
+    let gave_up = Arc::new(tokio::sync::Notify::new());
+    // Connections handed to the stream since it was last established.
+    let handed = Arc::new(AtomicU32::new(0));
+    let reconnector = {
+        let handed = handed.clone();
+        let status = status.clone();
+        let stopped = stopped.clone();
+        let ended = ended.clone();
+        let gave_up = gave_up.clone();
+        Box::new(
+            move |_: Option<String>, slot: oneshot::Sender<Connection>| {
+                tokio::spawn(connect_loop(
+                    Attempt {
+                        acct: acct.clone(),
+                        dial: dial.clone(),
+                        tls: tls.clone(),
+                        status: status.clone(),
+                        stopped: stopped.clone(),
+                        ended: ended.clone(),
+                        gave_up: gave_up.clone(),
+                        handed: handed.clone(),
+                    },
+                    slot,
+                ));
+            },
+        )
+    };
+    let mut stream = StanzaStream::new(reconnector, QUEUE_DEPTH);
+    let stopping = loop {
+        let ev = tokio::select! {
+            _ = until_stopped(&mut stopped) => break true,
+            () = gave_up.notified() => break false,
+            ev = stream.next() => ev,
+        };
+        match ev {
+            None => break false,
+            Some(Event::Stream(StreamEvent::Reset { .. })) => {
+                handed.store(0, Ordering::SeqCst);
+                tracing::info!("bridge: online");
+                set(&status, |s| {
+                    s.state = BridgeState::Online;
+                    s.error = None;
+                    s.retry_in = None;
+                    s.connections += 1;
+                });
+            }
+            Some(Event::Stream(StreamEvent::Resumed)) => set(&status, |s| {
+                handed.store(0, Ordering::SeqCst);
+                s.state = BridgeState::Online;
+                s.error = None;
+                s.retry_in = None;
+            }),
+            Some(Event::Stream(StreamEvent::Suspended)) => set(&status, |s| {
+                if s.state == BridgeState::Online {
+                    s.state = BridgeState::Connecting;
+                }
+            }),
+            Some(Event::Stanza(st)) => {
+                if let Some(reply) = answer(st) {
+                    // Fire and forget: the stream queues it across reconnects.
+                    drop(stream.send(Box::new(reply)).await);
+                }
+            }
+        }
+    };
+    ended.store(true, Ordering::SeqCst);
+    if stopping && status_is(&status, BridgeState::Online) {
+        // Log out cleanly.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), stream.close()).await;
+    } else {
+        // The worker waits for a connection; dropping the frontend first
+        // lets it exit on the dead one the connector hands it.
+        drop(stream);
+    }
+    if stopping {
+        set(&status, |s| s.state = BridgeState::Stopped);
+    }
+}
+
+/// Resolves once the bridge is told to stop (or its owner is gone).
+async fn until_stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn status_is(status: &Mutex<BridgeStatus>, state: BridgeState) -> bool {
+    lock(status).state == state
+}
+
+/// What one connection attempt needs.
+struct Attempt {
+    acct: BridgeAccount,
+    dial: Dial,
+    tls: Arc<rustls::ClientConfig>,
+    status: Arc<Mutex<BridgeStatus>>,
+    stopped: watch::Receiver<bool>,
+    ended: Arc<AtomicBool>,
+    gave_up: Arc<tokio::sync::Notify>,
+    handed: Arc<AtomicU32>,
+}
+
+/// Logs in until it works, the user must act, or the bridge stops.
+///
+/// The stanza stream's worker panics when its connection slot is dropped,
+/// so the slot is always answered: with a live connection, or, once the
+/// session has ended, with a dead one that makes the worker exit.
+async fn connect_loop(a: Attempt, slot: oneshot::Sender<Connection>) {
+    let Attempt {
+        acct,
+        dial,
+        tls,
+        status,
+        mut stopped,
+        ended,
+        gave_up,
+        handed,
+    } = a;
+    // The stream asks again although the last connection we handed it
+    // never came up: that connection failed during negotiation. The known
+    // case is a resumption the server refuses with a `<failed/>` without
+    // `h` (Prosody after a restart), which xmpp-parsers 0.23 cannot parse,
+    // so tokio-xmpp retries the same resumption forever. Without stream
+    // management in the features the stream drops the old state and binds
+    // afresh; and a stream that keeps failing waits as after any failure.
+    let end = |slot: oneshot::Sender<Connection>| async move {
+        if let Some(dead) = dead_connection().await {
+            let _ = slot.send(dead);
+        }
+    };
+    let unestablished = handed.load(Ordering::SeqCst);
+    let mut attempt = unestablished.saturating_sub(1);
+    if unestablished > 1 {
+        let pause = backoff(attempt - 1, &mut rand::thread_rng());
+        set(&status, |s| {
+            s.state = BridgeState::Retrying;
+            s.retry_in = Some(pause.as_secs().max(1));
+        });
+        tokio::select! {
+            () = until_stopped(&mut stopped) => return end(slot).await,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+    loop {
+        if ended.load(Ordering::SeqCst) || *stopped.borrow() {
+            return end(slot).await;
+        }
+        if let Dial::Tor(tor) = &dial {
+            let ready = async {
+                while tor.status().bootstrap_percent < 100 {
+                    set(&status, |s| s.state = BridgeState::WaitingForTor);
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            };
+            tokio::select! {
+                _ = until_stopped(&mut stopped) => return end(slot).await,
+                () = ready => {}
+            }
+        }
+        set(&status, |s| {
+            s.state = BridgeState::Connecting;
+            s.retry_in = None;
+        });
+        let result = tokio::select! {
+            _ = until_stopped(&mut stopped) => return end(slot).await,
+            r = connect::login(&acct, tls.clone(), &dial) => r,
+        };
+        match result {
+            Ok(mut conn) => {
+                if unestablished > 0 {
+                    conn.features.stream_management = None;
+                }
+                handed.fetch_add(1, Ordering::SeqCst);
+                // Fails only when the stream is gone; nothing to do then.
+                let _ = slot.send(conn);
+                return;
+            }
+            Err(e) => {
+                fail(&status, &e);
+                if e.is_fatal() {
+                    ended.store(true, Ordering::SeqCst);
+                    gave_up.notify_one();
+                    return end(slot).await;
+                }
+                let pause = backoff(attempt, &mut rand::thread_rng());
+                attempt = attempt.saturating_add(1);
+                set(&status, |s| s.retry_in = Some(pause.as_secs().max(1)));
+                tokio::select! {
+                    _ = until_stopped(&mut stopped) => return end(slot).await,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+}
+
+/// A connection that is over as soon as the worker uses it: an in-memory
+/// stream whose far end sends a header and features, then hangs up.
+async fn dead_connection() -> Option<Connection> {
+    use tokio_xmpp::parsers::{bind::BindFeature, ns, stream_features::StreamFeatures};
+    use tokio_xmpp::xmlstream::{
+        FallibleStreamElement, StreamHeader, accept_stream, initiate_stream,
+    };
+    let (near, far) = tokio::io::duplex(4096);
+    let t = connect::timeouts();
+    let features = StreamFeatures {
+        bind: Some(BindFeature { required: true }),
+        ..StreamFeatures::default()
+    };
+    let answer = tokio::spawn(async move {
+        let accepted = accept_stream(tokio::io::BufStream::new(far), ns::JABBER_CLIENT, t)
+            .await
+            .ok()?;
+        let pending = accepted.send_header(StreamHeader::default()).await.ok()?;
+        let hung_up = pending
+            .send_features::<FallibleStreamElement>(&features)
+            .await
+            .ok();
+        drop(hung_up);
+        Some(())
+    });
+    let pending = initiate_stream(
+        tokio::io::BufStream::new(near),
+        ns::JABBER_CLIENT,
+        StreamHeader::default(),
+        t,
+    )
+    .await
+    .ok()?;
+    let (features, stream) = pending
+        .recv_features::<FallibleStreamElement>()
+        .await
+        .ok()?;
+    let _ = answer.await;
+    Some(Connection {
+        stream: stream.box_stream(),
+        features,
+        identity: jid::BareJid::new("ended@invalid").ok()?.into(),
+    })
+}
+
+/// What to send back for a stanza the session got. Requests are answered
+/// so that nothing is learnt: a ping gets its pong; software version, disco,
+/// vCard, last activity, time and everything else get
+/// `service-unavailable`, exactly as for a feature a client lacks.
+pub fn answer(st: Stanza) -> Option<Stanza> {
+    let Stanza::Iq(iq) = st else {
+        return None;
+    };
+    let (from, id, payload) = match iq {
+        Iq::Get {
+            from, id, payload, ..
+        }
+        | Iq::Set {
+            from, id, payload, ..
+        } => (from, id, payload),
+        _ => return None,
+    };
+    let is_ping = payload.is("ping", "urn:xmpp:ping");
+    let reply = if is_ping {
+        Iq::Result {
+            from: None,
+            to: from,
+            id,
+            payload: None,
+        }
+    } else {
+        Iq::Error {
+            from: None,
+            to: from,
+            id,
+            error: StanzaError {
+                type_: ErrorType::Cancel,
+                by: None,
+                defined_condition: DefinedCondition::ServiceUnavailable,
+                texts: BTreeMap::new(),
+                other: None,
+            },
+            payload: None,
+        }
+    };
+    Some(Stanza::Iq(reply))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_xmpp::minidom::Element;
+
+    fn iq(xml: &str) -> Stanza {
+        let el: Element = xml.parse().expect("xml");
+        Stanza::Iq(Iq::try_from(el).expect("iq"))
+    }
+
+    fn xml(st: Stanza) -> String {
+        String::from(&Element::from(st))
+    }
+
+    #[test]
+    fn pings_are_answered_and_nothing_else_is_revealed() {
+        let pong = answer(iq(
+            "<iq xmlns='jabber:client' type='get' id='p1' from='example.org'><ping xmlns='urn:xmpp:ping'/></iq>",
+        ))
+        .expect("pong");
+        let pong = xml(pong);
+        assert!(
+            pong.contains("type='result'") && pong.contains("id='p1'"),
+            "{pong}"
+        );
+
+        for q in [
+            "<query xmlns='jabber:iq:version'/>",
+            "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+            "<query xmlns='http://jabber.org/protocol/disco#items'/>",
+            "<vCard xmlns='vcard-temp'/>",
+            "<query xmlns='jabber:iq:last'/>",
+            "<time xmlns='urn:xmpp:time'/>",
+        ] {
+            let req = format!(
+                "<iq xmlns='jabber:client' type='get' id='q' from='spy@example.org/x'>{q}</iq>"
+            );
+            let out = xml(answer(iq(&req)).expect("answer"));
+            assert!(out.contains("type='error'"), "{out}");
+            assert!(out.contains("service-unavailable"), "{out}");
+            assert!(!out.to_lowercase().contains("coterie"), "{out}");
+            assert!(!out.contains("<query") && !out.contains("vCard"), "{out}");
+        }
+    }
+
+    #[test]
+    fn results_errors_and_messages_get_no_answer() {
+        assert!(answer(iq("<iq xmlns='jabber:client' type='result' id='r'/>")).is_none());
+        let el: Element = "<message xmlns='jabber:client' from='a@b/c'><body>x</body></message>"
+            .parse()
+            .expect("xml");
+        let msg = tokio_xmpp::parsers::message::Message::try_from(el).expect("message");
+        assert!(answer(Stanza::Message(msg)).is_none());
+    }
+}

@@ -1,0 +1,362 @@
+//! The bridge to an ordinary XMPP server: a real Prosody (Debian package)
+//! on 127.0.0.1 with TLS from a test CA, a node logged into an account on
+//! it, and what the server holds afterwards.
+//!
+//! These nodes run without Tor and their accounts are set with
+//! `--danger-bridge-without-tor`: the Tor path is tested with the private
+//! Tor network.
+
+use std::time::Duration;
+
+use coterie_tests::prosody::{Server, ServerOpts};
+use coterie_tests::{NodeProc, wait_for};
+use serde_json::Value;
+
+const DOMAIN: &str = "example.test";
+
+fn set(n: &NodeProc, jid: &str, password: &str, extra: &[&str]) -> coterie_tests::CliOut {
+    let mut args = vec!["bridge", "set", jid];
+    args.extend_from_slice(extra);
+    n.cli_env(&args, &[("COTERIE_BRIDGE_PASSWORD", password)])
+}
+
+fn bridge_status(n: &NodeProc) -> Value {
+    let out = n.cli(&["bridge", "status"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    out.json[0].clone()
+}
+
+fn wait_state(n: &NodeProc, state: &str, secs: u64) -> Value {
+    wait_for(
+        &format!("bridge {state}"),
+        Duration::from_secs(secs),
+        || {
+            let s = bridge_status(n);
+            (s["state"] == state).then_some(s)
+        },
+    )
+}
+
+/// Full JIDs the server bound for `bare`, in order.
+fn bound_resources(log: &str, bare: &str) -> Vec<String> {
+    let prefix = format!("{bare}/");
+    let mut out: Vec<String> = Vec::new();
+    for line in log
+        .lines()
+        .filter(|l| l.contains("Resource bound") || l.contains("bound"))
+    {
+        if let Some(i) = line.find(&prefix) {
+            let rest = &line[i + prefix.len()..];
+            let res: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                .collect();
+            if !res.is_empty() && !out.contains(&res) {
+                out.push(res);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_bridge_logs_in_over_tls_and_the_server_keeps_nothing_about_the_user() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(
+        &tmp.path().join("prosody"),
+        &ServerOpts::new(DOMAIN, &[("me", "correct horse"), ("friend", "pw")]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut n = NodeProc::init(tmp.path(), "bridge-user");
+    let jid = format!("me@{DOMAIN}");
+
+    // Set while no node runs: kept in the store.
+    let ca = server.ca_file();
+    let out = set(
+        &n,
+        &jid,
+        "correct horse",
+        &[
+            "--server",
+            &server.addr(),
+            "--ca-file",
+            ca.to_str().expect("path"),
+            "--danger-bridge-without-tor",
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.json[0]["state"], "stopped", "{:?}", out.json);
+    assert_eq!(out.json[0]["route"], "direct");
+    assert_eq!(out.json[0]["jid"], jid.as_str());
+
+    // Two sessions: each binds a resource of its own.
+    for _ in 0..2 {
+        n.start();
+        let s = wait_state(&n, "online", 30);
+        assert_eq!(s["route"], "direct");
+        assert!(s["error"].is_null(), "{s}");
+        let st = n.status();
+        assert_eq!(st["bridge"]["state"], "online", "{st}");
+        n.stop();
+    }
+    let log = server.log();
+    let resources = bound_resources(&log, &jid);
+    assert_eq!(
+        resources.len(),
+        2,
+        "two sessions, two resources: {resources:?}"
+    );
+    for r in &resources {
+        assert_eq!(r.len(), 16, "{r}");
+        assert!(!r.to_lowercase().contains("coterie"), "{r}");
+    }
+
+    // Everything the node sent the server, from the server's own log
+    // (mod_stanza_debug: every element received on a c2s stream is a
+    // "RECV:" line): no roster, no bookmarks, no vCard or avatar, no
+    // private XML, no capabilities, no presence, nothing naming Coterie.
+    let from_us: Vec<&str> = log.lines().filter(|l| l.contains("RECV: <")).collect();
+    assert!(
+        from_us
+            .iter()
+            .any(|l| l.contains("urn:ietf:params:xml:ns:xmpp-bind")),
+        "the log shows what the node sent: {} lines",
+        from_us.len()
+    );
+    for l in &from_us {
+        for banned in [
+            "jabber:iq:roster",
+            "storage:bookmarks",
+            "urn:xmpp:bookmarks",
+            "vcard-temp",
+            "urn:ietf:params:xml:ns:vcard-4.0",
+            "urn:xmpp:avatar",
+            "jabber:iq:private",
+            "http://jabber.org/protocol/caps",
+            "jabber:iq:version",
+            "<presence",
+        ] {
+            assert!(!l.contains(banned), "the node sent {banned}: {l}");
+        }
+    }
+    for l in log.lines() {
+        assert!(
+            !l.to_lowercase().contains("coterie"),
+            "the server saw the name: {l}"
+        );
+    }
+    eprintln!("{} elements from the node's sessions", from_us.len());
+
+    // What the server stores for the account: the account itself and,
+    // in "pep", the configuration of the empty `storage:bookmarks` node
+    // Prosody's mod_bookmarks creates at every login on its own. No
+    // roster, no private XML, no vCard, no PEP items (bookmarks, avatar,
+    // vCard4 and the like would be `pep_<node>` stores), no archive.
+    let stored = server.stored("me");
+    let stores: Vec<&str> = stored.iter().map(|(s, _)| s.as_str()).collect();
+    assert!(
+        stores.iter().all(|s| ["accounts", "pep"].contains(s)),
+        "the server stored {stored:?}"
+    );
+    if let Some((_, f)) = stored.iter().find(|(s, _)| s == "pep") {
+        let nodes = std::fs::read_to_string(f).unwrap_or_default();
+        let named: Vec<&str> = nodes
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("[\""))
+            .filter_map(|l| l.split('"').next())
+            .filter(|n| n.contains(':'))
+            .collect();
+        assert_eq!(named, ["storage:bookmarks"], "PEP nodes: {nodes}");
+        assert!(nodes.contains("persist_items\"] = false"), "{nodes}");
+    }
+
+    // Off: the account and its password leave the store.
+    let out = n.cli(&["bridge", "off"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.json[0]["removed"], true);
+    assert_eq!(bridge_status(&n)["state"], "off");
+    coterie_tests::assert_no_plaintext(&n.dir, &[b"correct horse", jid.as_bytes()]);
+}
+
+#[test]
+fn bridge_errors_say_what_to_do_and_never_fall_back() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut server = Server::start(
+        &tmp.path().join("prosody"),
+        &ServerOpts::new(DOMAIN, &[("me", "right password")]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ca = server.ca_file();
+    let ca = ca.to_str().expect("path");
+    let jid = format!("me@{DOMAIN}");
+    let mut n = NodeProc::init(tmp.path(), "bridge-errors");
+
+    // Bad input from the user: refused before anything is stored.
+    let out = set(&n, "not-an-address", "pw", &[]);
+    assert_eq!(out.code, 2);
+    assert!(
+        out.json[0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("user@example.org")
+    );
+    let out = set(&n, &jid, "pw", &["--server", "127.0.0.1"]);
+    assert_eq!(out.code, 2);
+    assert!(
+        out.json[0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("HOST:PORT")
+    );
+    let out = set(&n, &jid, "", &["--danger-bridge-without-tor"]);
+    assert_eq!(out.code, 2);
+    assert!(
+        out.json[0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("COTERIE_BRIDGE_PASSWORD")
+    );
+    assert_eq!(bridge_status(&n)["state"], "off");
+
+    n.start();
+
+    // Through Tor (the default) on a node without Tor: it stops and says
+    // why; it does not connect directly.
+    let before = server.log().matches("Client connected").count();
+    let out = set(
+        &n,
+        &jid,
+        "right password",
+        &["--server", &server.addr(), "--ca-file", ca],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = wait_state(&n, "failed", 10);
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--danger-bridge-without-tor"),
+        "{s}"
+    );
+    assert_eq!(s["route"], "tor");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        server.log().matches("Client connected").count(),
+        before,
+        "no direct connection"
+    );
+
+    // A wrong password: stops, no retry loop hammering the server.
+    let direct = [
+        "--server",
+        &server.addr(),
+        "--ca-file",
+        ca,
+        "--danger-bridge-without-tor",
+    ];
+    let out = set(&n, &jid, "wrong password", &direct);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = wait_state(&n, "failed", 30);
+    let e = s["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("refused the login") && e.contains("bridge set"),
+        "{s}"
+    );
+    let attempts = server.log().matches("Client connected").count();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        server.log().matches("Client connected").count(),
+        attempts,
+        "no retries"
+    );
+
+    // The system's roots do not know the test CA: a certificate error,
+    // nothing sent after the handshake, and the bridge stops.
+    let out = set(
+        &n,
+        &jid,
+        "right password",
+        &["--server", &server.addr(), "--danger-bridge-without-tor"],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = wait_state(&n, "failed", 30);
+    let e = s["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("certificate") && e.contains(DOMAIN) && e.contains("--ca-file"),
+        "{s}"
+    );
+
+    // Server down: retries with growing pauses and comes online when the
+    // server is back.
+    server.stop();
+    let out = set(&n, &jid, "right password", &direct);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = wait_state(&n, "retrying", 30);
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot reach the server"),
+        "{s}"
+    );
+    assert!(s["retry_in"].as_u64().is_some(), "{s}");
+    server.restart().unwrap_or_else(|e| panic!("{e}"));
+    wait_state(&n, "online", 90);
+
+    // A server restart mid-session: the bridge comes back by itself.
+    server.restart().unwrap_or_else(|e| panic!("{e}"));
+    let mut last = Value::Null;
+    let back = (0..90).any(|_| {
+        std::thread::sleep(Duration::from_secs(1));
+        last = bridge_status(&n);
+        last["state"] == "online" && last["connections"].as_u64() >= Some(2)
+    });
+    if !back {
+        let log = server.log();
+        let _ = std::fs::write("/tmp/bridge-prosody.log", &log);
+        let _ = std::fs::write("/tmp/bridge-node.log", n.log_text());
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        panic!(
+            "not back after a server restart: {last}; log: {}\nserver: {}",
+            n.log_text(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    n.stop();
+}
+
+#[test]
+fn a_certificate_for_another_name_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut opts = ServerOpts::new(DOMAIN, &[("me", "pw")]);
+    opts.cert_name = "other.test".into();
+    let server =
+        Server::start(&tmp.path().join("prosody"), &opts).unwrap_or_else(|e| panic!("{e}"));
+    let mut n = NodeProc::init(tmp.path(), "bridge-mismatch");
+    n.start();
+    let ca = server.ca_file();
+    let out = set(
+        &n,
+        &format!("me@{DOMAIN}"),
+        "pw",
+        &[
+            "--server",
+            &server.addr(),
+            "--ca-file",
+            ca.to_str().expect("path"),
+            "--danger-bridge-without-tor",
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = wait_state(&n, "failed", 30);
+    let e = s["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("certificate is not valid for example.test"),
+        "{s}"
+    );
+    assert!(
+        !server.log().contains("Authenticated as"),
+        "no login on a bad certificate"
+    );
+    n.stop();
+}
