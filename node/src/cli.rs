@@ -469,6 +469,15 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
             )?;
             if out.json {
                 out.json(&c);
+            } else if c.bridged {
+                println!(
+                    "Added {} ({}), a friend on XMPP reached through the bridge.",
+                    c.name, c.jid
+                );
+                println!(
+                    "Their devices are trusted blindly until you compare fingerprints: `coterie fingerprints {}`.",
+                    c.name
+                );
             } else {
                 println!(
                     "Added {} ({}). Fingerprint: {}",
@@ -501,7 +510,9 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                         .as_ref()
                         .map(|t| format!(" via {t}"))
                         .unwrap_or_default();
-                    let key = if c.cleartext {
+                    let key = if c.bridged {
+                        format!("XMPP {} through the bridge", c.jid)
+                    } else if c.cleartext {
                         format!(
                             "CLEARTEXT: classic XEP-0174 client {}, not encrypted",
                             c.jid

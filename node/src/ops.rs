@@ -3,6 +3,7 @@
 //! node calls them when a request arrives on its control socket.
 
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 use transport::{PeerAddr, PeerId, SecretKey};
 
 use crate::invite::{Invite, InviteError, parse_ttl, valid_name};
@@ -83,6 +84,9 @@ pub struct ContactView {
     /// A classic XEP-0174 client: chats with it are not encrypted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cleartext: bool,
+    /// A friend on ordinary XMPP, reached through the bridge account.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bridged: bool,
 }
 
 /// A message, for `coterie history`.
@@ -216,8 +220,13 @@ pub fn invite(store: &Store, ttl: &str, addrs: &[PeerAddr], now: u64) -> Result<
     ))
 }
 
-/// `coterie add URI`: pins the inviter and remembers the secret to redeem.
+/// `coterie add URI`: pins the inviter and remembers the secret to redeem;
+/// or, for `xmpp:friend@example.org` (no invite in it), adds a friend on
+/// ordinary XMPP, reached through the bridge.
 pub fn add(store: &Store, uri: &str, name: Option<&str>, now: u64) -> Result<ContactView, OpError> {
+    if !uri.contains('?') && uri.trim().starts_with("xmpp:") {
+        return add_bridged(store, uri, name, now);
+    }
     let inv = Invite::parse(uri, now)?;
     let me = secret_key(store)?.peer_id();
     if inv.inviter == me {
@@ -257,11 +266,79 @@ pub fn add(store: &Store, uri: &str, name: Option<&str>, now: u64) -> Result<Con
     view(store, &c, None)
 }
 
+fn add_bridged(
+    store: &Store,
+    uri: &str,
+    name: Option<&str>,
+    now: u64,
+) -> Result<ContactView, OpError> {
+    let jid = crate::bridge::parse_account_jid(uri)
+        .map_err(|_| {
+            OpError::Usage(format!(
+                "{uri:?} is neither an invite nor an XMPP address: give a friend on XMPP as xmpp:friend@example.org"
+            ))
+        })?
+        .to_string();
+    let contacts = store.contacts()?;
+    if let Some(c) = contacts
+        .iter()
+        .find(|c| matches!(&c.state, ContactState::Bridged { jid: j } if *j == jid))
+    {
+        return Err(OpError::AlreadyContact(c.name.clone()));
+    }
+    if store.profile()?.bridge.is_some_and(|a| a.jid == jid) {
+        return Err(OpError::Usage("that is your own bridge account".into()));
+    }
+    let name = name
+        .map(str::to_owned)
+        .unwrap_or_else(|| jid.split('@').next().unwrap_or(&jid).to_owned());
+    if !valid_name(&name) {
+        return Err(OpError::Usage(
+            "contact names are 1-64 characters without control characters, @, /, quotes, <, > or &"
+                .into(),
+        ));
+    }
+    if contacts.iter().any(|c| c.name == name) {
+        return Err(OpError::Usage(format!(
+            "you already have a contact called {name}; choose another with --name"
+        )));
+    }
+    let peer: [u8; 32] = sha2::Sha256::digest(format!("xmpp:{jid}").as_bytes()).into();
+    let c = Contact {
+        id: 0,
+        name,
+        peer,
+        addrs: Vec::new(),
+        state: ContactState::Bridged { jid },
+        added: now,
+        last_seen: None,
+        last_carrier: None,
+    };
+    let id = store.add_contact(c)?;
+    let c = store
+        .contact(id)?
+        .ok_or_else(|| OpError::NoSuchContact(id.to_string()))?;
+    view(store, &c, None)
+}
+
 /// The live state of a contact, as the node knows it.
 pub type Live<'a> = Option<&'a str>;
 
 /// A contact as shown to the user; `live` is the carrier of a live session.
 pub fn view(store: &Store, c: &Contact, live: Live<'_>) -> Result<ContactView, OpError> {
+    if let ContactState::Bridged { jid } = &c.state {
+        return Ok(ContactView {
+            name: c.name.clone(),
+            jid: jid.clone(),
+            fingerprint: String::new(),
+            state: "bridged".into(),
+            transport: Some("bridge".into()),
+            last_seen: c.last_seen,
+            queued: store.outbox_len(c.id)?,
+            cleartext: false,
+            bridged: true,
+        });
+    }
     if let ContactState::Cleartext { instance } = &c.state {
         return Ok(ContactView {
             name: c.name.clone(),
@@ -277,6 +354,7 @@ pub fn view(store: &Store, c: &Contact, live: Live<'_>) -> Result<ContactView, O
             last_seen: c.last_seen,
             queued: store.outbox_len(c.id)?,
             cleartext: true,
+            bridged: false,
         });
     }
     let peer = PeerId::from_bytes(c.peer).map_err(|e| OpError::Usage(e.to_string()))?;
@@ -295,6 +373,7 @@ pub fn view(store: &Store, c: &Contact, live: Live<'_>) -> Result<ContactView, O
         last_seen: c.last_seen,
         queued: store.outbox_len(c.id)?,
         cleartext: false,
+        bridged: false,
     })
 }
 
@@ -394,6 +473,11 @@ pub fn send(
         v.cleartext = true;
         return Ok((c, v));
     }
+    if matches!(c.state, ContactState::Bridged { .. }) {
+        // The bridge encrypts when it sends (it knows the friend's devices).
+        let m = store.queue_outgoing(c.id, text, now_ms)?;
+        return Ok((c, MessageView::from(&m)));
+    }
     // With a running node the message is encrypted as it is queued; the
     // CLI without a node leaves that to the node's first send.
     let m = match omemo.and_then(|o| o.ctx(c.peer)) {
@@ -463,8 +547,21 @@ pub fn fingerprints(store: &Store, sel: &str) -> Result<FingerprintsView, OpErro
     let c = find_contact(store, sel)?;
     no_keys(&c)?;
     let p = store.omemo_peer(c.id)?;
-    let own = store.omemo_device(now_secs())?;
-    let seed = store.profile()?.seed;
+    let profile = store.profile()?;
+    // A bridged friend sees the bridge account's device, not the node's.
+    let (own, seed) = match (&c.state, &profile.bridge) {
+        (ContactState::Bridged { .. }, Some(acct)) => (
+            store.omemo_device_at(crate::store::omemo::BRIDGE_DEVICE_ROW, now_secs())?,
+            acct.omemo_seed,
+        ),
+        (ContactState::Bridged { .. }, None) => {
+            return Err(OpError::Usage(format!(
+                "{} is a friend on XMPP and no bridge account is set: `coterie bridge set you@example.org` first",
+                c.name
+            )));
+        }
+        _ => (store.omemo_device(now_secs())?, profile.seed),
+    };
     let id = crate::omemo::Identity::from_seed(&seed);
     Ok(FingerprintsView {
         contact: c.name.clone(),
@@ -518,11 +615,20 @@ pub fn retention(store: &Store, days: Option<u32>) -> Result<u32, OpError> {
 
 /// `coterie bridge set`: keeps the account (password included) in the
 /// profile record, which the store seals.
-pub fn bridge_set(store: &Store, acct: crate::bridge::BridgeAccount) -> Result<(), OpError> {
+/// The same account keeps its OMEMO identity and device (friends keep
+/// their sessions); another account gets new ones.
+pub fn bridge_set(
+    store: &Store,
+    mut acct: crate::bridge::BridgeAccount,
+) -> Result<crate::bridge::BridgeAccount, OpError> {
     let mut p = store.profile()?;
-    p.bridge = Some(acct);
+    match p.bridge.as_ref() {
+        Some(old) if old.jid == acct.jid => acct.omemo_seed = old.omemo_seed,
+        _ => store.forget_bridge_device()?,
+    }
+    p.bridge = Some(acct.clone());
     store.set_profile(&p)?;
-    Ok(())
+    Ok(acct)
 }
 
 /// `coterie bridge off`: forgets the account and its password. Returns
@@ -532,6 +638,7 @@ pub fn bridge_off(store: &Store) -> Result<bool, OpError> {
     let had = p.bridge.take().is_some();
     if had {
         store.set_profile(&p)?;
+        store.forget_bridge_device()?;
     }
     Ok(had)
 }

@@ -37,6 +37,24 @@ fn wait_state(n: &NodeProc, state: &str, secs: u64) -> Value {
     )
 }
 
+/// Prosody's file-name encoding undone (`%2e` → `.`).
+fn decode_store(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '%' {
+            let hex: String = chars.by_ref().take(2).collect();
+            match u8::from_str_radix(&hex, 16) {
+                Ok(b) => out.push(b as char),
+                Err(_) => out.push_str(&hex),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Full JIDs the server bound for `bare`, in order.
 fn bound_resources(log: &str, bare: &str) -> Vec<String> {
     let prefix = format!("{bare}/");
@@ -94,6 +112,11 @@ fn the_bridge_logs_in_over_tls_and_the_server_keeps_nothing_about_the_user() {
         n.start();
         let s = wait_state(&n, "online", 30);
         assert_eq!(s["route"], "direct");
+        let s = wait_for("OMEMO keys published", Duration::from_secs(30), || {
+            let s = bridge_status(&n);
+            (s["published"] == true || s["note"].is_string()).then_some(s)
+        });
+        assert_eq!(s["published"], true, "{s}");
         assert!(s["error"].is_null(), "{s}");
         let st = n.status();
         assert_eq!(st["bridge"]["state"], "online", "{st}");
@@ -134,10 +157,26 @@ fn the_bridge_logs_in_over_tls_and_the_server_keeps_nothing_about_the_user() {
             "jabber:iq:private",
             "http://jabber.org/protocol/caps",
             "jabber:iq:version",
-            "<presence",
+            "<status",
+            "<nick",
         ] {
             assert!(!l.contains(banned), "the node sent {banned}: {l}");
         }
+    }
+    // One bare initial presence per session (the server then delivers
+    // what it kept), nothing in it.
+    let presences: Vec<&&str> = from_us.iter().filter(|l| l.contains("<presence")).collect();
+    assert_eq!(presences.len(), 2, "{presences:?}");
+    for p in presences {
+        // xmpp-parsers always writes the default priority; nothing else.
+        let inner = p
+            .split_once('>')
+            .map(|(_, rest)| rest.trim_end().trim_end_matches("</presence>"))
+            .unwrap_or_default();
+        assert!(
+            p.trim_end().ends_with("/>") || inner == "<priority>0</priority>",
+            "{p}"
+        );
     }
     for l in log.lines() {
         assert!(
@@ -147,16 +186,36 @@ fn the_bridge_logs_in_over_tls_and_the_server_keeps_nothing_about_the_user() {
     }
     eprintln!("{} elements from the node's sessions", from_us.len());
 
-    // What the server stores for the account: the account itself and,
-    // in "pep", the configuration of the empty `storage:bookmarks` node
-    // Prosody's mod_bookmarks creates at every login on its own. No
-    // roster, no private XML, no vCard, no PEP items (bookmarks, avatar,
-    // vCard4 and the like would be `pep_<node>` stores), no archive.
+    // What the server stores for the account: the account itself; the
+    // OMEMO device lists and bundles (both versions), which friends must
+    // be able to fetch; and, in "pep", the node configurations, including
+    // the empty `storage:bookmarks` node Prosody's mod_bookmarks creates at
+    // every login on its own. No roster, no private XML, no vCard, no
+    // other PEP items (bookmarks, avatar, vCard4 and the like would be
+    // `pep_<node>` stores), no archive.
+    let omemo_node = |n: &str| {
+        n == "eu.siacs.conversations.axolotl.devicelist"
+            || n.starts_with("eu.siacs.conversations.axolotl.bundles:")
+            || n == "urn:xmpp:omemo:2:devices"
+            || n == "urn:xmpp:omemo:2:bundles"
+    };
     let stored = server.stored("me");
-    let stores: Vec<&str> = stored.iter().map(|(s, _)| s.as_str()).collect();
-    assert!(
-        stores.iter().all(|s| ["accounts", "pep"].contains(s)),
-        "the server stored {stored:?}"
+    for (store, _) in &stored {
+        match store.strip_prefix("pep_") {
+            Some(node) => {
+                let node = decode_store(node);
+                assert!(omemo_node(&node), "the server stored PEP items of {node}");
+            }
+            None => assert!(
+                ["accounts", "pep"].contains(&store.as_str()),
+                "the server stored {store}: {stored:?}"
+            ),
+        }
+    }
+    assert_eq!(
+        stored.iter().filter(|(s, _)| s.starts_with("pep_")).count(),
+        4,
+        "two device lists and two bundles: {stored:?}"
     );
     if let Some((_, f)) = stored.iter().find(|(s, _)| s == "pep") {
         let nodes = std::fs::read_to_string(f).unwrap_or_default();
@@ -164,10 +223,15 @@ fn the_bridge_logs_in_over_tls_and_the_server_keeps_nothing_about_the_user() {
             .lines()
             .filter_map(|l| l.trim().strip_prefix("[\""))
             .filter_map(|l| l.split('"').next())
-            .filter(|n| n.contains(':'))
+            .filter(|n| n.contains(':') || n.contains('.'))
+            .filter(|n| !n.contains('@'))
             .collect();
-        assert_eq!(named, ["storage:bookmarks"], "PEP nodes: {nodes}");
-        assert!(nodes.contains("persist_items\"] = false"), "{nodes}");
+        for n in named {
+            assert!(
+                omemo_node(n) || n == "storage:bookmarks",
+                "PEP node {n}: {nodes}"
+            );
+        }
     }
 
     // Off: the account and its password leave the store.

@@ -28,6 +28,7 @@ fn contacts() -> Vec<(u64, ContactView)> {
                     last_seen: Some(1_700_000_000),
                     queued: 0,
                     cleartext: false,
+                    bridged: false,
                 },
             )
         })

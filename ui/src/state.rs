@@ -494,6 +494,7 @@ mod tests {
             last_seen: None,
             queued: 0,
             cleartext: false,
+            bridged: false,
         }
     }
 

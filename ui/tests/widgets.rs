@@ -483,6 +483,7 @@ fn a_long_chat_lays_out_only_what_is_in_view_and_opens_at_the_latest() {
                 last_seen: None,
                 queued: 0,
                 cleartext: false,
+                bridged: false,
             },
         )]),
     );

@@ -16,6 +16,7 @@
 //! online.
 
 pub mod connect;
+pub mod relay;
 pub mod session;
 
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,10 @@ pub struct BridgeAccount {
     /// **Dangerous**: connect without Tor; the server and everyone on the
     /// path see the device's IP address.
     pub direct: bool,
+    /// Seed of the account's OMEMO identity: its own, never the node's
+    /// (whose public key is the onion address).
+    #[serde(default = "rand::random")]
+    pub omemo_seed: [u8; 32],
 }
 
 impl std::fmt::Debug for BridgeAccount {
@@ -94,6 +99,7 @@ impl BridgeAccount {
             server: server.map(str::to_owned),
             ca_pem,
             direct,
+            omemo_seed: rand::random(),
         })
     }
 
@@ -193,6 +199,18 @@ pub struct BridgeStatus {
     pub retry_in: Option<u64>,
     /// Connections made since the node started.
     pub connections: u64,
+    /// What holds up the chats, if anything (a friend without OMEMO keys,
+    /// keys that could not be published, …).
+    #[serde(default)]
+    pub note: Option<String>,
+    /// Messages from addresses that are not bridged contacts: not stored
+    /// (add the sender with `coterie add xmpp:THEM` to read them).
+    #[serde(default)]
+    pub ignored: u64,
+    /// Our OMEMO device list and bundle are on the account's PEP (this
+    /// session).
+    #[serde(default)]
+    pub published: bool,
 }
 
 impl BridgeStatus {
@@ -210,6 +228,9 @@ impl BridgeStatus {
             error: None,
             retry_in: None,
             connections: 0,
+            note: None,
+            ignored: 0,
+            published: false,
         }
     }
 }

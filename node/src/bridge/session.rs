@@ -7,19 +7,24 @@
 //! session that cannot show them. Presence starts with message delivery
 //! over the bridge.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use tokio::sync::{oneshot, watch};
+use minidom::Element;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_xmpp::Stanza;
 use tokio_xmpp::parsers::iq::Iq;
+use tokio_xmpp::parsers::message::Message;
+use tokio_xmpp::parsers::presence::Presence;
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 use tokio_xmpp::stanzastream::{Connection, Event, StanzaStream, StreamEvent};
 
 use super::connect::{self, Dial};
+use super::relay::{Chats, Cmd, Link};
 use super::{BridgeAccount, BridgeError, BridgeState, BridgeStatus, backoff};
+use crate::store::ContactState;
 
 /// Stanzas queued in each direction before senders wait.
 const QUEUE_DEPTH: usize = 64;
@@ -30,6 +35,18 @@ pub struct Bridge {
     status: Arc<Mutex<BridgeStatus>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    kick: mpsc::UnboundedSender<u64>,
+}
+
+/// What the node gives the bridge.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// The node's Tor client, if it runs one.
+    pub tor: Option<Arc<transport::onion::Tor>>,
+    /// The store.
+    pub store: Arc<crate::store::Store>,
+    /// Where message events go.
+    pub events: tokio::sync::broadcast::Sender<crate::runtime::NodeEvent>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -40,18 +57,29 @@ impl Bridge {
     /// Starts keeping `acct` online. `tor` is the node's Tor client, if it
     /// runs one; an account that goes through Tor waits for it and, on a
     /// node without Tor, stops with [`BridgeError::TorOff`].
-    pub fn start(acct: BridgeAccount, tor: Option<Arc<transport::onion::Tor>>) -> Bridge {
+    pub fn start(acct: BridgeAccount, env: Env) -> Bridge {
         let mut first = BridgeStatus::offline(Some(&acct));
         first.state = BridgeState::Connecting;
         let status = Arc::new(Mutex::new(first));
         let (stop, stopped) = watch::channel(false);
-        let dial = match (acct.direct, tor) {
+        let dial = match (acct.direct, env.tor.clone()) {
             (true, _) => Ok(Dial::Direct),
             (false, Some(tor)) => Ok(Dial::Tor(tor)),
             (false, None) => Err(BridgeError::TorOff),
         };
-        let task = tokio::spawn(run(acct, dial, status.clone(), stopped));
-        Bridge { status, stop, task }
+        let (kick, kicks) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(acct, dial, env, kicks, status.clone(), stopped));
+        Bridge {
+            status,
+            stop,
+            task,
+            kick,
+        }
+    }
+
+    /// A bridged contact's outbox grew (other contacts are ignored).
+    pub fn kick(&self, contact: u64) {
+        let _ = self.kick.send(contact);
     }
 
     /// What it is doing.
@@ -100,14 +128,30 @@ fn kind(e: &BridgeError) -> &'static str {
 async fn run(
     acct: BridgeAccount,
     dial: Result<Dial, BridgeError>,
+    env: Env,
+    kicks: mpsc::UnboundedReceiver<u64>,
     status: Arc<Mutex<BridgeStatus>>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let setup = dial.and_then(|d| Ok((d, connect::tls_config(&acct)?)));
-    let (dial, tls) = match setup {
+    let setup = dial.and_then(|d| Ok((d, connect::tls_config(&acct)?, acct.bare()?)));
+    let (dial, tls, account) = match setup {
         Ok(v) => v,
         Err(e) => return fail(&status, &e),
     };
+    let (cmd_tx, mut cmds) = mpsc::channel::<Cmd>(QUEUE_DEPTH);
+    let (inbox_tx, inbox) = mpsc::channel::<Message>(QUEUE_DEPTH);
+    let (online_tx, online) = watch::channel(0u64);
+    let chats = Arc::new(Chats::new(
+        env.store.clone(),
+        env.events.clone(),
+        account,
+        &acct.omemo_seed,
+        Link(cmd_tx),
+    ));
+    let worker = tokio::spawn(chat_worker(chats, kicks, inbox, online, status.clone()));
+    // IQs we sent, by id, waiting for their answer.
+    let mut pending: HashMap<String, oneshot::Sender<Result<Option<Element>, String>>> =
+        HashMap::new();
     // Set when the session ends (stopped, or an error the user must fix):
     // from then on every connection the stream asks for is a dead one.
     let ended = Arc::new(AtomicBool::new(false));
@@ -143,12 +187,32 @@ async fn run(
         let ev = tokio::select! {
             _ = until_stopped(&mut stopped) => break true,
             () = gave_up.notified() => break false,
+            Some(cmd) = cmds.recv() => {
+                match cmd {
+                    Cmd::Send(st) => drop(stream.send(st).await),
+                    Cmd::Iq(iq, reply) => {
+                        if pending.len() >= MAX_PENDING_IQS {
+                            let _ = reply.send(Err("too many requests in flight".into()));
+                        } else {
+                            pending.insert(iq.id().to_owned(), reply);
+                            drop(stream.send(Box::new(Stanza::Iq(*iq))).await);
+                        }
+                    }
+                }
+                continue;
+            }
             ev = stream.next() => ev,
         };
         match ev {
             None => break false,
             Some(Event::Stream(StreamEvent::Reset { .. })) => {
                 handed.store(0, Ordering::SeqCst);
+                // Answers to what the old stream asked will not come.
+                for (_, reply) in pending.drain() {
+                    let _ = reply.send(Err("the connection was reset".into()));
+                }
+                set(&status, |s| s.published = false);
+                online_tx.send_modify(|n| *n += 1);
                 tracing::info!("bridge: online");
                 set(&status, |s| {
                     s.state = BridgeState::Online;
@@ -168,14 +232,36 @@ async fn run(
                     s.state = BridgeState::Connecting;
                 }
             }),
-            Some(Event::Stanza(st)) => {
-                if let Some(reply) = answer(st) {
-                    // Fire and forget: the stream queues it across reconnects.
-                    drop(stream.send(Box::new(reply)).await);
+            Some(Event::Stanza(Stanza::Message(m))) => {
+                // Waits when the chat worker is behind: the server keeps
+                // the rest (stream management) meanwhile.
+                let _ = inbox_tx.send(m).await;
+            }
+            Some(Event::Stanza(Stanza::Iq(iq))) => {
+                let id = iq.id().to_owned();
+                match iq {
+                    Iq::Result { payload, .. } => {
+                        if let Some(reply) = pending.remove(&id) {
+                            let _ = reply.send(Ok(payload));
+                        }
+                    }
+                    Iq::Error { error, .. } => {
+                        if let Some(reply) = pending.remove(&id) {
+                            let _ = reply.send(Err(format!("{:?}", error.defined_condition)));
+                        }
+                    }
+                    request => {
+                        if let Some(reply) = answer(Stanza::Iq(request)) {
+                            drop(stream.send(Box::new(reply)).await);
+                        }
+                    }
                 }
             }
+            // Presence from others is not asked for and not used.
+            Some(Event::Stanza(_)) => {}
         }
     };
+    worker.abort();
     ended.store(true, Ordering::SeqCst);
     if stopping && status_is(&status, BridgeState::Online) {
         // Log out cleanly.
@@ -188,6 +274,79 @@ async fn run(
     if stopping {
         set(&status, |s| s.state = BridgeState::Stopped);
     }
+}
+
+/// IQs the bridge may wait for at once.
+const MAX_PENDING_IQS: usize = 256;
+
+/// Runs the chats one thing at a time: messages that arrived (in order),
+/// outboxes to send, and, on every new session, our keys published, our
+/// presence sent (the server then hands over what it kept for us) and
+/// every bridged outbox tried.
+async fn chat_worker(
+    chats: Arc<Chats>,
+    mut kicks: mpsc::UnboundedReceiver<u64>,
+    mut inbox: mpsc::Receiver<Message>,
+    mut online: watch::Receiver<u64>,
+    status: Arc<Mutex<BridgeStatus>>,
+) {
+    let mut due: BTreeSet<u64> = BTreeSet::new();
+    let mut session = false;
+    loop {
+        tokio::select! {
+            biased;
+            changed = online.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                session = true;
+                let presence = Stanza::Presence(Presence::available());
+                if chats.link.0.send(Cmd::Send(Box::new(presence))).await.is_err() {
+                    return;
+                }
+                match chats.publish_own().await {
+                    Ok(()) => set(&status, |s| s.published = true),
+                    Err(e) => note(&status, Some(e)),
+                }
+                let store = chats.store.clone();
+                let all = tokio::task::spawn_blocking(move || store.contacts()).await;
+                if let Ok(Ok(all)) = all {
+                    due.extend(
+                        all.iter()
+                            .filter(|c| matches!(c.state, ContactState::Bridged { .. }))
+                            .map(|c| c.id),
+                    );
+                }
+            }
+            m = inbox.recv() => {
+                let Some(m) = m else { return };
+                match chats.received(m).await {
+                    Ok(true) => {}
+                    Ok(false) => set(&status, |s| s.ignored += 1),
+                    Err(e) => note(&status, Some(e)),
+                }
+            }
+            k = kicks.recv() => {
+                let Some(k) = k else { return };
+                due.insert(k);
+            }
+        }
+        if session && status_is(&status, BridgeState::Online) {
+            for c in std::mem::take(&mut due) {
+                match chats.deliver(c).await {
+                    Ok(()) => note(&status, None),
+                    Err(e) => note(&status, Some(e)),
+                }
+            }
+        }
+    }
+}
+
+fn note(status: &Mutex<BridgeStatus>, what: Option<String>) {
+    if let Some(w) = &what {
+        tracing::warn!("bridge chats: {}", w.split(':').next().unwrap_or_default());
+    }
+    set(status, |s| s.note = what);
 }
 
 /// Resolves once the bridge is told to stop (or its owner is gone).

@@ -65,15 +65,120 @@ pub enum PepItem {
     Bundle(u32, Bundle, String),
 }
 
+/// XEP-0060 namespace (requests and results).
+pub const NS_PUBSUB: &str = "http://jabber.org/protocol/pubsub";
+
 /// Reads an `<event/>`: device lists and bundles of either version.
 pub fn parse_event(el: &Element) -> Result<Vec<PepItem>> {
     if !el.is("event", NS_PUBSUB_EVENT) {
         return Err(OmemoError::Malformed("PEP event"));
     }
+    parse_items(el, NS_PUBSUB_EVENT)
+}
+
+/// Reads the `<pubsub/>` of an items result (what a server returns for
+/// [`fetch_items`]).
+pub fn parse_result(el: &Element) -> Result<Vec<PepItem>> {
+    if !el.is("pubsub", NS_PUBSUB) {
+        return Err(OmemoError::Malformed("PEP result"));
+    }
+    parse_items(el, NS_PUBSUB)
+}
+
+/// The `<pubsub/>` payload asking for `node`'s items (one, if `item`).
+pub fn fetch_items(node: &str, item: Option<&str>) -> Element {
+    let mut items = Element::builder("items", NS_PUBSUB).attr(nc("node"), node);
+    if let Some(id) = item {
+        items = items.append(
+            Element::builder("item", NS_PUBSUB)
+                .attr(nc("id"), id)
+                .build(),
+        );
+    } else {
+        items = items.attr(nc("max_items"), "1");
+    }
+    Element::builder("pubsub", NS_PUBSUB)
+        .append(items.build())
+        .build()
+}
+
+/// The `<pubsub/>` payloads publishing our device list and bundle in both
+/// versions to our own server's PEP, readable by anyone (XEP-0384 asks for
+/// the `open` access model: friends without a presence subscription must
+/// be able to fetch them).
+pub fn publications(own: &OwnDevice, id: &Identity) -> Vec<Element> {
+    let mut out = Vec::with_capacity(4);
+    for v in Version::ALL {
+        out.push(publish(
+            v.devices_node(),
+            "current",
+            devices_element(v, &[own.device_id]),
+            // A device list lists every device: keep one item.
+            "1",
+        ));
+        let item_id = match v {
+            Version::V2 => own.device_id.to_string(),
+            Version::V03 => "current".into(),
+        };
+        out.push(publish(
+            &v.bundle_node(own.device_id),
+            &item_id,
+            own.bundle(id, v).to_element(),
+            "max",
+        ));
+    }
+    out
+}
+
+fn publish(node: &str, item_id: &str, payload: Element, max_items: &str) -> Element {
+    let field = |var: &str, value: &str, hidden: bool| {
+        let mut f = Element::builder("field", "jabber:x:data").attr(nc("var"), var);
+        if hidden {
+            f = f.attr(nc("type"), "hidden");
+        }
+        f.append(
+            Element::builder("value", "jabber:x:data")
+                .append(value)
+                .build(),
+        )
+        .build()
+    };
+    let options = Element::builder("x", "jabber:x:data")
+        .attr(nc("type"), "submit")
+        .append(field(
+            "FORM_TYPE",
+            "http://jabber.org/protocol/pubsub#publish-options",
+            true,
+        ))
+        .append(field("pubsub#access_model", "open", false))
+        .append(field("pubsub#persist_items", "true", false))
+        .append(field("pubsub#max_items", max_items, false))
+        .build();
+    Element::builder("pubsub", NS_PUBSUB)
+        .append(
+            Element::builder("publish", NS_PUBSUB)
+                .attr(nc("node"), node)
+                .append(
+                    Element::builder("item", NS_PUBSUB)
+                        .attr(nc("id"), item_id)
+                        .append(payload)
+                        .build(),
+                )
+                .build(),
+        )
+        .append(
+            Element::builder("publish-options", NS_PUBSUB)
+                .append(options)
+                .build(),
+        )
+        .build()
+}
+
+fn parse_items(el: &Element, ns: &str) -> Result<Vec<PepItem>> {
     let mut out = Vec::new();
-    for items in el.children().filter(|c| c.is("items", NS_PUBSUB_EVENT)) {
+    for items in el.children().filter(|c| c.is("items", ns)) {
         let node = items.attr("node").unwrap_or_default();
-        for item in items.children().filter(|c| c.is("item", NS_PUBSUB_EVENT)) {
+        for item in items.children().filter(|c| c.is("item", ns)) {
             if out.len() == MAX_ITEMS {
                 return Ok(out);
             }

@@ -314,9 +314,12 @@ async fn dialer(shared: Arc<Shared>, contact: u64) {
             };
             if matches!(
                 c.state,
-                ContactState::Refused { .. } | ContactState::Cleartext { .. }
+                ContactState::Refused { .. }
+                    | ContactState::Cleartext { .. }
+                    | ContactState::Bridged { .. }
             ) {
-                // Refused: nothing to do. Cleartext: the compat module talks to it.
+                // Refused: nothing to do. Cleartext: the compat module talks
+                // to it. Bridged: the bridge does.
                 return;
             }
             // The onion service last: the LAN is faster when it works.
@@ -514,6 +517,9 @@ async fn dial_once(
                 ContactState::Refused { .. } => return Err("invite was refused".into()),
                 ContactState::Cleartext { .. } => {
                     return Err("a classic XEP-0174 contact is never dialled with TLS".into());
+                }
+                ContactState::Bridged { .. } => {
+                    return Err("a bridged contact is reached through the bridge".into());
                 }
             }
             run_session(shared.clone(), a, Role::Initiator, shared.me, c.id).await;

@@ -404,8 +404,7 @@ pub(crate) async fn bridge_set(
     shared: &Arc<Shared>,
     acct: crate::bridge::BridgeAccount,
 ) -> Result<crate::bridge::BridgeStatus, OpError> {
-    let kept = acct.clone();
-    db(&shared.store, move |s| ops::bridge_set(s, kept)).await??;
+    let acct = db(&shared.store, move |s| ops::bridge_set(s, acct)).await??;
     shared.restart_bridge(Some(acct)).await;
     Ok(shared.bridge_status())
 }

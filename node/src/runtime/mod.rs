@@ -312,6 +312,14 @@ impl Shared {
             }
             None => self.kick(contact).notify_one(),
         }
+        if let Some(b) = self
+            .bridge
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            b.kick(contact);
+        }
     }
 
     pub(crate) async fn refresh_policy(&self) {
@@ -329,7 +337,9 @@ impl Shared {
                 .filter(|c| {
                     !matches!(
                         c.state,
-                        ContactState::Refused { .. } | ContactState::Cleartext { .. }
+                        ContactState::Refused { .. }
+                            | ContactState::Cleartext { .. }
+                            | ContactState::Bridged { .. }
                     )
                 })
                 .filter_map(|c| PeerId::from_bytes(c.peer).ok().map(|p| (p, c.id)))
@@ -401,7 +411,9 @@ impl Shared {
                 let k = match &c.state {
                     ContactState::Active => DiscoveryKeys::for_pair(&self.key, &self.me, &p)?,
                     ContactState::Redeeming { secret, .. } => DiscoveryKeys::for_invite(secret),
-                    ContactState::Refused { .. } | ContactState::Cleartext { .. } => return None,
+                    ContactState::Refused { .. }
+                    | ContactState::Cleartext { .. }
+                    | ContactState::Bridged { .. } => return None,
                 };
                 Some((p, k))
             })
@@ -701,7 +713,12 @@ impl Shared {
             b.stop().await;
         }
         if let Some(acct) = acct {
-            let b = crate::bridge::session::Bridge::start(acct, self.tor.clone());
+            let env = crate::bridge::session::Env {
+                tor: self.tor.clone(),
+                store: self.store.clone(),
+                events: self.events.clone(),
+            };
+            let b = crate::bridge::session::Bridge::start(acct, env);
             *self.bridge.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
         }
     }

@@ -57,6 +57,12 @@ pub enum ContactState {
         /// Its service instance name, `user@host`.
         instance: String,
     },
+    /// A friend on ordinary XMPP, reached through the bridge account with
+    /// OMEMO. `peer` is then a hash of the JID, not a key.
+    Bridged {
+        /// Their bare JID.
+        jid: String,
+    },
 }
 
 /// A contact.
@@ -281,11 +287,21 @@ pub enum Trust {
     /// Seen, not verified: nothing is encrypted to it, and what it sends is
     /// marked.
     Untrusted,
+    /// A bridged contact's device, as their server lists it: there is no
+    /// invite to pin a key, so messages are encrypted to it (as XMPP
+    /// clients do, "blind trust before verification") and what it sends
+    /// is marked unverified until the user compares fingerprints.
+    Blind,
 }
 
 impl Trust {
     /// Whether messages are encrypted to the device.
     pub fn trusted(self) -> bool {
+        matches!(self, Trust::Pinned | Trust::Verified | Trust::Blind)
+    }
+
+    /// Whether its key is known to be theirs (pinned or verified).
+    pub fn verified(self) -> bool {
         matches!(self, Trust::Pinned | Trust::Verified)
     }
 
@@ -295,6 +311,7 @@ impl Trust {
             Trust::Pinned => "pinned",
             Trust::Verified => "verified",
             Trust::Untrusted => "untrusted",
+            Trust::Blind => "unverified",
         }
     }
 }

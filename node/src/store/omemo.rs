@@ -49,7 +49,20 @@ pub struct OmemoCtx {
     pub pinned: [u8; 32],
     /// Our OMEMO device id.
     pub device_id: u32,
+    /// Where our device is kept: [`OWN_DEVICE_ROW`], or
+    /// [`BRIDGE_DEVICE_ROW`] for the bridge's.
+    pub own_row: u64,
 }
+
+/// Row of our device (the node's identity).
+pub const OWN_DEVICE_ROW: u64 = 0;
+/// Row of the bridge account's device: a separate identity, so the XMPP
+/// server and the friends there never see the key the node's onion
+/// address is made of.
+pub const BRIDGE_DEVICE_ROW: u64 = 1 << 61;
+/// The "pinned key" of a bridged contact: none. Their devices are trusted
+/// blindly ([`Trust::Blind`]).
+pub const NO_PIN: [u8; 32] = [0; 32];
 
 impl std::fmt::Debug for OmemoCtx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,6 +98,7 @@ impl OwnOmemo {
             peer_jid: peer.onion_address(),
             pinned,
             device_id: self.device_id,
+            own_row: OWN_DEVICE_ROW,
         })
     }
 }
@@ -218,7 +232,9 @@ fn set_bundle(b: &mut PeerBundles, dev: u32, v: Version, xml: String) {
 }
 
 fn trust_for(identity: &[u8; 32], pinned: &[u8; 32]) -> Trust {
-    if keys::ed_to_mont(pinned).as_ref() == Some(identity) {
+    if *pinned == NO_PIN {
+        Trust::Blind
+    } else if keys::ed_to_mont(pinned).as_ref() == Some(identity) {
         Trust::Pinned
     } else {
         Trust::Untrusted
@@ -229,9 +245,10 @@ impl Store {
     fn own_device_in(
         &self,
         t: &impl ReadableTable<u64, &'static [u8]>,
+        row: u64,
     ) -> Result<Option<OwnDevice>, StoreError> {
-        match t.get(0).ctx("read omemo")? {
-            Some(v) => Ok(Some(self.open_json("omemo", &k64(0), v.value())?)),
+        match t.get(row).ctx("read omemo")? {
+            Some(v) => Ok(Some(self.open_json("omemo", &k64(row), v.value())?)),
             None => Ok(None),
         }
     }
@@ -308,11 +325,29 @@ impl Store {
     /// Our OMEMO device, created on first use; prekeys replenished and the
     /// signed prekey rotated when due.
     pub fn omemo_device(&self, now_s: u64) -> Result<OwnDevice, StoreError> {
+        self.omemo_device_at(OWN_DEVICE_ROW, now_s)
+    }
+
+    /// Forgets the bridge account's device (a new one is made on next use).
+    pub fn forget_bridge_device(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().ctx("write")?;
+        {
+            let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
+            t.remove(BRIDGE_DEVICE_ROW).ctx("remove bridge device")?;
+        }
+        tx.commit().ctx("commit")?;
+        Ok(())
+    }
+
+    /// The device kept in `row` ([`OWN_DEVICE_ROW`] or
+    /// [`BRIDGE_DEVICE_ROW`]), created on first use; prekeys replenished
+    /// and the signed prekey rotated when due.
+    pub fn omemo_device_at(&self, row: u64, now_s: u64) -> Result<OwnDevice, StoreError> {
         // Usually nothing is due: a read, no write transaction (disk sync).
         {
             let rx = self.db.begin_read().ctx("read")?;
             if let Ok(t) = rx.open_table(OMEMO)
-                && let Some(d) = self.own_device_in(&t)?
+                && let Some(d) = self.own_device_in(&t, row)?
                 && !d.clone().maintain(now_s, &mut rand::rngs::OsRng)
             {
                 return Ok(d);
@@ -322,7 +357,7 @@ impl Store {
         let dev = {
             let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
             let mut rng = rand::rngs::OsRng;
-            let (dev, changed) = match self.own_device_in(&t)? {
+            let (dev, changed) = match self.own_device_in(&t, row)? {
                 Some(mut d) => {
                     let c = d.maintain(now_s, &mut rng);
                     (d, c)
@@ -330,7 +365,7 @@ impl Store {
                 None => (OwnDevice::new(now_s, &mut rng), true),
             };
             if changed {
-                self.put_omemo(&mut t, 0, &dev)?;
+                self.put_omemo(&mut t, row, &dev)?;
             }
             dev
         };
@@ -542,7 +577,7 @@ impl Store {
         let now_s = now_ms / 1000;
         let mut t = tx.open_table(OMEMO).ctx("open omemo")?;
         let mut own = self
-            .own_device_in(&t)?
+            .own_device_in(&t, ctx.own_row)?
             .ok_or_else(|| StoreError::new("decrypt", "no OMEMO device yet"))?;
         let own_before = own.prekey_count();
         let mut p = self.peer_omemo_in(&t, contact)?;
@@ -599,7 +634,7 @@ impl Store {
                             first_seen: now_s,
                         });
                     }
-                    let trusted = p.device(sid).is_some_and(|d| d.trust.trusted());
+                    let verified = p.device(sid).is_some_and(|d| d.trust.verified());
                     let body = match (v, o.plaintext) {
                         (_, None) => {
                             out.push(None);
@@ -614,7 +649,7 @@ impl Store {
                     out.push(Some(match body {
                         Ok(body) => Decrypted::Body {
                             body,
-                            unverified: !trusted,
+                            unverified: !verified,
                         },
                         Err(e) => {
                             tracing::warn!(
@@ -662,7 +697,7 @@ impl Store {
         }
         if own.prekey_count() != own_before {
             own.maintain(now_s, &mut rng);
-            self.put_omemo(&mut t, 0, &own)?;
+            self.put_omemo(&mut t, ctx.own_row, &own)?;
             res.bundle_changed = true;
         }
         self.save_peer(&mut t, contact, &p)?;

@@ -382,6 +382,7 @@ mod omemo_state {
             peer_jid: "them.onion".into(),
             pinned: peer.ed_public(),
             device_id: own.device_id,
+            own_row: crate::store::omemo::OWN_DEVICE_ROW,
         };
         (d, s, id, ctx)
     }

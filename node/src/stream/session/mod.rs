@@ -167,6 +167,13 @@ pub const NS_EME: &str = "urn:xmpp:eme:0";
 /// store), a receipt request for chats, a storage hint (servers do not
 /// archive a message with only `<encrypted/>`), and XEP-0380's marker.
 pub fn encode_encrypted(id: &str, encrypted_xml: &str, chat: bool) -> Option<Vec<u8>> {
+    write_el(&Element::from(encrypted_message(id, encrypted_xml, chat)?))
+}
+
+/// The message carrying an OMEMO `<encrypted/>` element (a chat asks for
+/// a receipt; a key transport does not), with the storage hint and the
+/// XEP-0380 marker; `None` if the stored element does not parse.
+pub fn encrypted_message(id: &str, encrypted_xml: &str, chat: bool) -> Option<Message> {
     let enc: Element = encrypted_xml.parse().ok()?;
     let ns = enc.ns();
     if !is_xml_text(id) {
@@ -186,7 +193,16 @@ pub fn encode_encrypted(id: &str, encrypted_xml: &str, chat: bool) -> Option<Vec
             .attr(name, ns)
             .build(),
     );
-    write_el(&Element::from(m))
+    Some(m)
+}
+
+/// A delivery receipt (XEP-0184) for their message `of`.
+pub fn receipt_message(id: &str, of: &str) -> Message {
+    let mut m = Message::new(None);
+    m.id = Some(xmpp_parsers::message::Id(id.to_string()));
+    m.payloads
+        .push(Element::from(Received { id: of.to_string() }));
+    m
 }
 
 /// Serializes an element. Callers make sure its text is XML-safe (see
@@ -557,12 +573,7 @@ impl Session {
             }
             // Never sent in the clear: the runtime encrypts before sending.
             OutStanza::Chat { omemo: None, .. } => None,
-            OutStanza::Receipt { id, of } => {
-                let mut m = Message::new(None);
-                m.id = Some(xmpp_parsers::message::Id(id.clone()));
-                m.payloads.push(Element::from(Received { id: of.clone() }));
-                write_el(&Element::from(m))
-            }
+            OutStanza::Receipt { id, of } => write_el(&Element::from(receipt_message(id, of))),
         };
         // A stanza that cannot be encoded (only possible for data stored by
         // an older version) still goes out as an empty message, so both
@@ -622,9 +633,10 @@ fn bad(detail: &'static str) -> StreamFault {
     }
 }
 
-/// Reads what Coterie needs out of a counted stanza. Anything malformed is
+/// Reads what Coterie needs out of a counted stanza (or a message the
+/// bridge received). Anything malformed is
 /// still counted (the sender counts it too) but ignored.
-fn incoming_of(el: Element) -> Incoming {
+pub fn incoming_of(el: Element) -> Incoming {
     if !el.is("message", NS_CLIENT) {
         return Incoming::Other;
     }
