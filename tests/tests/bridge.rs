@@ -424,3 +424,152 @@ fn a_certificate_for_another_name_is_refused() {
     );
     n.stop();
 }
+
+fn history(n: &NodeProc, contact: &str) -> Vec<Value> {
+    let out = n.cli(&["history", contact]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    out.json
+}
+
+fn arrived(n: &NodeProc, contact: &str, body: &str) -> usize {
+    history(n, contact)
+        .iter()
+        .filter(|m| m["dir"] == "in" && m["body"] == body)
+        .count()
+}
+
+fn state_of(n: &NodeProc, contact: &str, body: &str) -> String {
+    history(n, contact)
+        .iter()
+        .find(|m| m["dir"] == "out" && m["body"] == body)
+        .and_then(|m| m["state"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Waits for `f`; on timeout, fails with both bridges' status, the nodes'
+/// logs and the server's last words.
+fn wait_or_dump(what: &str, secs: u64, nodes: &[NodeProc], server: &Server, f: impl Fn() -> bool) {
+    for _ in 0..secs * 4 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let mut dump = String::new();
+    for n in nodes {
+        dump += &format!("\n{}: {}\n{}", n.name, bridge_status(n), n.log_text());
+    }
+    let log = server.log();
+    let _ = std::fs::write("/tmp/bridge-prosody.log", &log);
+    panic!("timed out waiting for {what}:{dump}");
+}
+
+/// Two Coterie users who only share an ordinary XMPP server: each logs
+/// its bridge into its own account there and adds the other's address.
+#[test]
+fn two_coterie_users_chat_through_their_xmpp_accounts() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut server = Server::start(
+        &tmp.path().join("prosody"),
+        &ServerOpts::new(
+            DOMAIN,
+            &[("ana", "ana's password"), ("ben", "ben's password")],
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ca = server.ca_file();
+    let ca = ca.to_str().expect("path").to_string();
+    let mut nodes = Vec::new();
+    for (name, user, pw, other) in [
+        ("ana-node", "ana", "ana's password", "ben"),
+        ("ben-node", "ben", "ben's password", "ana"),
+    ] {
+        let mut n = NodeProc::init(tmp.path(), name);
+        let jid = format!("{user}@{DOMAIN}");
+        let out = set(
+            &n,
+            &jid,
+            pw,
+            &[
+                "--server",
+                &server.addr(),
+                "--ca-file",
+                &ca,
+                "--danger-bridge-without-tor",
+            ],
+        );
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let out = n.cli(&["add", &format!("xmpp:{other}@{DOMAIN}")]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_eq!(out.json[0]["bridged"], true, "{:?}", out.json);
+        assert_eq!(out.json[0]["name"], other);
+        n.start();
+        nodes.push(n);
+    }
+    for n in &nodes {
+        wait_state(n, "online", 30);
+    }
+
+    // Both ways; delivered once each, with receipts.
+    nodes[0].send("ben", "hello ben, over the bridge");
+    wait_or_dump("ben reads ana", 30, &nodes, &server, || {
+        arrived(&nodes[1], "ana", "hello ben, over the bridge") == 1
+    });
+    nodes[1].send("ana", "hello ana, same way back");
+    wait_or_dump("ana reads ben", 30, &nodes, &server, || {
+        arrived(&nodes[0], "ben", "hello ana, same way back") == 1
+    });
+    wait_or_dump("ana's message delivered", 30, &nodes, &server, || {
+        state_of(&nodes[0], "ben", "hello ben, over the bridge") == "delivered"
+    });
+
+    // Ben is offline while Ana writes: the server keeps it; Ben gets it
+    // once when he is back.
+    nodes[1].stop();
+    nodes[0].send("ben", "while you were away");
+    wait_or_dump("sent to the server", 30, &nodes, &server, || {
+        state_of(&nodes[0], "ben", "while you were away") == "sent"
+    });
+    nodes[1].start();
+    wait_for(
+        "ben reads what came while away",
+        Duration::from_secs(30),
+        || (arrived(&nodes[1], "ana", "while you were away") == 1).then_some(()),
+    );
+
+    // The server restarts mid-chat: both bridges come back, the chat goes on.
+    server.restart().unwrap_or_else(|e| panic!("{e}"));
+    nodes[1].send("ana", "after the restart");
+    wait_for(
+        "ana reads after the restart",
+        Duration::from_secs(90),
+        || (arrived(&nodes[0], "ben", "after the restart") == 1).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(arrived(&nodes[1], "ana", "hello ben, over the bridge"), 1);
+    assert_eq!(arrived(&nodes[1], "ana", "while you were away"), 1);
+
+    // The server never saw a body.
+    let log = server.log();
+    for body in [
+        "hello ben",
+        "same way back",
+        "while you were away",
+        "after the restart",
+    ] {
+        assert!(!log.contains(body), "the server saw {body:?}");
+    }
+    for f in coterie_tests::files_under(&server.dir.join("data")) {
+        let data = std::fs::read(&f).unwrap_or_default();
+        assert!(
+            !data
+                .windows(b"while you were away".len())
+                .any(|w| w == b"while you were away"),
+            "{} holds a body",
+            f.display()
+        );
+    }
+    for n in nodes.iter_mut() {
+        n.stop();
+    }
+}

@@ -157,13 +157,14 @@ impl Chats {
     }
 
     /// Sends a friend's queued stanzas until none is left, fetching their
-    /// devices first when needed.
-    pub(crate) async fn deliver(&self, contact: u64) -> Result<(), String> {
+    /// devices first when needed. `Ok(true)`: messages wait for the
+    /// friend's keys (try again later).
+    pub(crate) async fn deliver(&self, contact: u64) -> Result<bool, String> {
         let Some(c) = db(&self.store, move |s| s.contact(contact)).await? else {
-            return Ok(());
+            return Ok(false);
         };
         let ContactState::Bridged { jid } = c.state else {
-            return Ok(());
+            return Ok(false);
         };
         let friend: BareJid = jid
             .parse()
@@ -185,13 +186,7 @@ impl Chats {
             })
             .await?;
             if out.items.is_empty() {
-                if out.waiting {
-                    return Err(
-                        "queued messages wait for the friend's OMEMO keys (their client has not published any yet)"
-                            .into(),
-                    );
-                }
-                return Ok(());
+                return Ok(out.waiting);
             }
             let mut last = after;
             for (n, stanza) in &out.items {
@@ -214,7 +209,7 @@ impl Chats {
                 let _ = self.events.send(NodeEvent::Sent { contact, seq });
             }
             if out.waiting {
-                return Ok(());
+                return Ok(true);
             }
         }
     }
@@ -250,15 +245,18 @@ impl Chats {
                 items.extend(got.unwrap_or_default());
             }
         }
+        let found = items.iter().any(|i| matches!(i, PepItem::Bundle(..)));
         let now = crate::ops::now_secs();
         db(&self.store, move |s| {
             s.omemo_learn(contact, NO_PIN, items, now)
         })
         .await?;
-        self.fetched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(contact, Instant::now());
+        if found {
+            self.fetched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(contact, Instant::now());
+        }
         Ok(())
     }
 

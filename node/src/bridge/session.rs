@@ -276,6 +276,9 @@ async fn run(
     }
 }
 
+/// How often messages waiting for a friend's keys look for them again.
+const KEYS_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// IQs the bridge may wait for at once.
 const MAX_PENDING_IQS: usize = 256;
 
@@ -291,10 +294,16 @@ async fn chat_worker(
     status: Arc<Mutex<BridgeStatus>>,
 ) {
     let mut due: BTreeSet<u64> = BTreeSet::new();
+    // Contacts whose messages wait for their keys, tried again at `retry`.
+    let mut later: BTreeSet<u64> = BTreeSet::new();
+    let mut retry = tokio::time::Instant::now() + KEYS_RETRY;
     let mut session = false;
     loop {
         tokio::select! {
             biased;
+            () = tokio::time::sleep_until(retry), if !later.is_empty() => {
+                due.append(&mut later);
+            }
             changed = online.changed() => {
                 if changed.is_err() {
                     return;
@@ -334,7 +343,20 @@ async fn chat_worker(
         if session && status_is(&status, BridgeState::Online) {
             for c in std::mem::take(&mut due) {
                 match chats.deliver(c).await {
-                    Ok(()) => note(&status, None),
+                    Ok(false) => note(&status, None),
+                    Ok(true) => {
+                        if later.is_empty() {
+                            retry = tokio::time::Instant::now() + KEYS_RETRY;
+                        }
+                        later.insert(c);
+                        note(
+                            &status,
+                            Some(
+                                "queued messages wait for a friend's OMEMO keys (their client has not published any yet)"
+                                    .into(),
+                            ),
+                        );
+                    }
                     Err(e) => note(&status, Some(e)),
                 }
             }
