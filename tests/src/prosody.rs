@@ -114,6 +114,9 @@ pub struct ServerOpts {
     pub users: Vec<(String, String)>,
     /// The c2s port (a free one if 0).
     pub port: u16,
+    /// Run inside this network namespace (on its 127.0.0.1) instead of the
+    /// test's own.
+    pub netns: Option<String>,
 }
 
 impl ServerOpts {
@@ -127,6 +130,7 @@ impl ServerOpts {
                 .map(|(u, p)| (u.to_string(), p.to_string()))
                 .collect(),
             port: 0,
+            netns: None,
         }
     }
 }
@@ -140,6 +144,7 @@ pub struct Server {
     pub dir: PathBuf,
     /// The domain.
     pub domain: String,
+    netns: Option<String>,
     child: Option<Child>,
     cfg: PathBuf,
 }
@@ -301,6 +306,7 @@ VirtualHost "{domain}"
             port,
             dir: dir.to_path_buf(),
             domain: opts.domain.clone(),
+            netns: opts.netns.clone(),
             child: None,
             cfg: cfg_path,
         };
@@ -315,7 +321,19 @@ VirtualHost "{domain}"
             .ok_or(
                 "Prosody is not installed: `apt-get install prosody` (the test command does this)",
             )?;
-        let child = Command::new(bin)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        // In another namespace its port cannot be tried from here: its log
+        // says when it listens.
+        let listening = format!("Activated service 'c2s' on [127.0.0.1]:{}", self.port);
+        let before = self.log().matches(&listening).count();
+        let child = cmd
             .arg("--config")
             .arg(&self.cfg)
             .arg("-F")
@@ -326,7 +344,11 @@ VirtualHost "{domain}"
             .map_err(|e| format!("cannot start Prosody: {e}"))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        let up = |s: &Server| match &s.netns {
+            Some(_) => s.log().matches(&listening).count() > before,
+            None => std::net::TcpStream::connect(("127.0.0.1", s.port)).is_ok(),
+        };
+        while !up(self) {
             let exited = self
                 .child
                 .as_mut()

@@ -56,6 +56,9 @@ pub struct TorNetBuilder {
     /// An existing namespace and the address configured there, or `None`
     /// for a fresh namespace with only `lo` (127.0.0.1).
     namespace: Option<(String, Ipv4Addr)>,
+    /// Ports the exit also accepts for any address (see
+    /// [`TorNetBuilder::exit_ports`]).
+    exit_ports: Vec<u16>,
 }
 
 impl Default for TorNetBuilder {
@@ -63,6 +66,7 @@ impl Default for TorNetBuilder {
         TorNetBuilder {
             voting_interval_secs: 20,
             namespace: None,
+            exit_ports: Vec::new(),
         }
     }
 }
@@ -83,6 +87,18 @@ impl TorNetBuilder {
              (use a multiple of 5 s, at least 15 s)"
         );
         self.voting_interval_secs = secs;
+        self
+    }
+
+    /// Lets the exit accept these ports for any address, before its
+    /// `reject *:*`. Clients choose exits by the policy summary in the
+    /// microdescriptors, which leaves out private addresses: an exit that
+    /// accepts only loopback looks like one that accepts nothing, and arti
+    /// finds no exit for a stream to 127.0.0.1. With the port in the
+    /// summary it does, and the exit then connects to its own loopback.
+    /// The namespace has no default route, so nothing leaves it.
+    pub fn exit_ports(mut self, ports: &[u16]) -> Self {
+        self.exit_ports = ports.to_vec();
         self
     }
 
@@ -124,6 +140,7 @@ impl TorNetBuilder {
             own_ns,
             ip,
             voting_interval_secs: self.voting_interval_secs,
+            exit_ports: self.exit_ports.clone(),
             tor,
             routers: Vec::new(),
             arti_config: dir.path().join("arti.toml"),
@@ -191,6 +208,7 @@ pub struct TorNet {
     own_ns: bool,
     ip: Ipv4Addr,
     voting_interval_secs: u32,
+    exit_ports: Vec<u16>,
     tor: PathBuf,
     /// Authorities first, then relays; the exit is the last one.
     routers: Vec<Router>,
@@ -647,6 +665,9 @@ impl TorNet {
                 );
                 if !ip.is_loopback() {
                     let _ = writeln!(rc, "ExitPolicy accept {}.{}.{}.0/24:*", o[0], o[1], o[2]);
+                }
+                for port in &self.exit_ports {
+                    let _ = writeln!(rc, "ExitPolicy accept *:{port}");
                 }
                 let _ = writeln!(rc, "ExitPolicy reject *:*");
             } else {

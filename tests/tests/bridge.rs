@@ -573,3 +573,119 @@ fn two_coterie_users_chat_through_their_xmpp_accounts() {
         n.stop();
     }
 }
+
+/// arti's configuration for the private network, allowing exits to
+/// loopback (where the test's Prosody listens, inside the network's
+/// namespace).
+fn arti_with_local_exits(tor: &coterie_tests::tornet::TorNet, dir: &std::path::Path) -> String {
+    let base = std::fs::read_to_string(tor.arti_config()).expect("arti config");
+    let path = dir.join("arti-local-exits.toml");
+    std::fs::write(
+        &path,
+        format!("{base}\n[address_filter]\nallow_local_addrs = true\n"),
+    )
+    .expect("write arti config");
+    path.to_str().expect("utf-8").to_string()
+}
+
+/// The account goes through the private Tor network's exit: the server
+/// listens on the loopback of the network's namespace, which the node's
+/// own namespace cannot reach directly.
+#[test]
+fn the_bridge_reaches_the_server_only_through_a_tor_exit() {
+    let lan = coterie_tests::netns::Lan::new(1);
+    let (router_ns, router_ip) = lan.router();
+    let tor = coterie_tests::tornet::TorNet::builder()
+        .in_namespace(&router_ns, router_ip)
+        .exit_ports(&[5222])
+        .start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut opts = ServerOpts::new(DOMAIN, &[("me", "over tor")]);
+    opts.netns = Some(router_ns.clone());
+    // The exit's policy summary names this port (see `exit_ports`).
+    opts.port = 5222;
+    let server =
+        Server::start(&tmp.path().join("prosody"), &opts).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = arti_with_local_exits(&tor, tmp.path());
+    let mut n = NodeProc::init(tmp.path(), "bridge-tor");
+    n.netns = Some(lan.hosts[0].clone());
+    let ca = server.ca_file();
+    let out = set(
+        &n,
+        &format!("me@{DOMAIN}"),
+        "over tor",
+        &[
+            "--server",
+            &server.addr(),
+            "--ca-file",
+            ca.to_str().expect("path"),
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.json[0]["route"], "tor");
+    n.start_with(&["--tor-config", &cfg, "--advertise", "tcp:127.0.0.1:9"]);
+    let mut last = Value::Null;
+    let online = (0..180).any(|_| {
+        std::thread::sleep(Duration::from_secs(1));
+        last = bridge_status(&n);
+        last["state"] == "online"
+    });
+    assert!(
+        online,
+        "not online through Tor: {last}; log: {}",
+        n.log_text()
+    );
+    assert_eq!(last["route"], "tor");
+    let st = n.status();
+    assert_eq!(st["bridge"]["route"], "tor", "{st}");
+    assert!(server.log().contains("Authenticated as me@example.test"));
+    n.stop();
+}
+
+/// With a Tor that cannot bootstrap, the bridge waits for it and never
+/// connects directly, although the server is right there.
+#[test]
+fn a_tor_failure_never_falls_back_to_a_direct_connection() {
+    let lan = coterie_tests::netns::Lan::new(1);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let host = lan.hosts[0].clone();
+    let mut opts = ServerOpts::new(DOMAIN, &[("me", "pw")]);
+    opts.netns = Some(host.ns.clone());
+    let server =
+        Server::start(&tmp.path().join("prosody"), &opts).unwrap_or_else(|e| panic!("{e}"));
+    // A network that is not there (the namespace has no route anywhere).
+    let cfg = tmp.path().join("arti.toml");
+    std::fs::write(
+        &cfg,
+        "[tor_network]\n\
+         fallback_caches = [ { rsa_identity = \"0000000000000000000000000000000000000000\", ed_identity = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\", orports = [\"127.0.0.1:1\"] } ]\n\
+         [tor_network.authorities]\n\
+         v3idents = [\"0000000000000000000000000000000000000000\"]\n",
+    )
+    .expect("write config");
+    let mut n = NodeProc::init(tmp.path(), "bridge-no-tor");
+    n.netns = Some(host);
+    let ca = server.ca_file();
+    let out = set(
+        &n,
+        &format!("me@{DOMAIN}"),
+        "pw",
+        &[
+            "--server",
+            &server.addr(),
+            "--ca-file",
+            ca.to_str().expect("path"),
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    n.start_with(&["--tor-config", cfg.to_str().expect("utf-8")]);
+    wait_state(&n, "waitingfortor", 30);
+    std::thread::sleep(Duration::from_secs(10));
+    let s = bridge_status(&n);
+    assert_eq!(s["state"], "waitingfortor", "{s}");
+    assert!(
+        !server.log().contains("Client connected"),
+        "the server saw a connection"
+    );
+    n.stop();
+}
