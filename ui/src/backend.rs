@@ -92,6 +92,21 @@ pub enum Command {
         /// Retention days (0: forever).
         retention: u32,
     },
+    /// Log the bridge into an XMPP account (replacing any).
+    BridgeSet {
+        /// The account, user@example.org.
+        jid: String,
+        /// Its password.
+        password: Zeroizing<String>,
+        /// HOST:PORT, or empty for the domain on 5222.
+        server: String,
+        /// A PEM file with the server's CA, or empty for the system's.
+        ca_file: String,
+        /// Connect without Tor (dangerous).
+        direct: bool,
+    },
+    /// Log the bridge out and forget its account.
+    BridgeOff,
     /// Stop the node and delete the open profile.
     Wipe,
     /// Stop the node and close the profile (back to the profile list).
@@ -267,6 +282,7 @@ fn status(o: &Open, cfg: &BackendConfig) -> Status {
             service: t.onion_service,
             problem: t.error.or(t.blocked),
         }),
+        bridge: crate::state::BridgeLine::of(&v.bridge),
         lan: o.lan,
         listening: v.listening,
         sessions: v.peers.len(),
@@ -524,6 +540,46 @@ async fn on_node(o: &Open, cmd: Command, out: &Out) -> Result<(), String> {
                 retention,
             });
         }
+        Command::BridgeSet {
+            jid,
+            password,
+            server,
+            ca_file,
+            direct,
+        } => {
+            let ca_file = ca_file.trim();
+            let ca_pem = if ca_file.is_empty() {
+                None
+            } else {
+                Some(std::fs::read_to_string(ca_file).map_err(|e| {
+                    format!(
+                        "Cannot read “{ca_file}” ({e}): give the path of the server's CA certificate (PEM), or leave it empty."
+                    )
+                })?)
+            };
+            let server = Some(server.trim()).filter(|s| !s.is_empty());
+            let acct = node::bridge::BridgeAccount::new(
+                jid.trim(),
+                password.to_string(),
+                server,
+                ca_pem,
+                direct,
+            )
+            .map_err(|e| format!("{}.", capitalised(&e.to_string())))?;
+            o.node.bridge_set(acct).await.map_err(op_error)?;
+            out.send(Action::Info(
+                "Bridge set: connecting. Add friends on XMPP with their address (xmpp:friend@example.org) under Add contact."
+                    .into(),
+            ));
+        }
+        Command::BridgeOff => {
+            let had = o.node.bridge_off().await.map_err(op_error)?;
+            out.send(Action::Info(if had {
+                "Bridge off: logged out; the account and its password are forgotten.".into()
+            } else {
+                "No bridge account was set.".into()
+            }));
+        }
         Command::ListProfiles
         | Command::Create { .. }
         | Command::Unlock { .. }
@@ -647,5 +703,13 @@ async fn start(
         Err(e) => out.send(Action::OpenFailed(format!(
             "Your node could not start: {e}"
         ))),
+    }
+}
+
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
     }
 }

@@ -37,6 +37,9 @@ impl ContactRow {
     /// How the contact is reached now, in words: `LAN`, `Tor`, `LAN
     /// (cleartext)`, `offline`, `invited`.
     pub fn reach(&self) -> &'static str {
+        if self.view.bridged {
+            return "XMPP (bridge)";
+        }
         if self.view.state == "pending" {
             return "invited";
         }
@@ -94,11 +97,59 @@ pub struct TorLine {
     pub problem: Option<String>,
 }
 
+/// The bridge's state as the status bar shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BridgeLine {
+    /// The account.
+    pub jid: String,
+    /// What it is doing, in words.
+    pub state: String,
+    /// It connects without Tor (the user chose so).
+    pub direct: bool,
+    /// Something the user can act on.
+    pub problem: Option<String>,
+}
+
+impl BridgeLine {
+    /// The node's bridge status in words; `None` when no account is set.
+    pub fn of(b: &node::bridge::BridgeStatus) -> Option<BridgeLine> {
+        use node::bridge::{BridgeState, Route};
+        let jid = b.jid.clone()?;
+        let state = match b.state {
+            BridgeState::Off => "off",
+            BridgeState::Stopped => "stopped",
+            BridgeState::WaitingForTor => "waiting for Tor",
+            BridgeState::Connecting => "connecting",
+            BridgeState::Online => "online",
+            BridgeState::Retrying => "retrying",
+            BridgeState::Failed => "stopped on an error",
+        };
+        Some(BridgeLine {
+            jid,
+            state: state.into(),
+            direct: b.route == Some(Route::Direct),
+            problem: b.error.clone().or_else(|| b.note.clone()),
+        })
+    }
+
+    /// The status bar's words.
+    pub fn text(&self) -> String {
+        let via = if self.direct {
+            "DIRECTLY, without Tor"
+        } else {
+            "through Tor"
+        };
+        format!("XMPP bridge {} {via}: {}", self.jid, self.state)
+    }
+}
+
 /// The node's state for the status bar.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Status {
     /// Tor, when on.
     pub tor: Option<TorLine>,
+    /// The bridge, when an account is set.
+    pub bridge: Option<BridgeLine>,
     /// LAN discovery on.
     pub lan: bool,
     /// Where the node listens.
@@ -773,6 +824,41 @@ mod tests {
         );
         assert_eq!(row("offline", Some("onion"), false).reach(), "offline");
         assert_eq!(row("pending", None, false).reach(), "invited");
+        let mut bridged = row("bridged", Some("bridge"), false);
+        bridged.view.bridged = true;
+        assert_eq!(bridged.reach(), "XMPP (bridge)");
+    }
+
+    #[test]
+    fn the_bridge_line_says_how_it_connects_and_what_to_fix() {
+        use node::bridge::{BridgeState, BridgeStatus, Route};
+        assert_eq!(BridgeLine::of(&BridgeStatus::offline(None)), None);
+        let mut b = BridgeStatus::offline(None);
+        b.jid = Some("me@example.org".into());
+        b.route = Some(Route::Direct);
+        b.state = BridgeState::Failed;
+        b.error = Some("the server refused the login".into());
+        let line = BridgeLine::of(&b).expect("line");
+        assert!(line.direct);
+        assert!(
+            line.text().contains("DIRECTLY, without Tor"),
+            "{}",
+            line.text()
+        );
+        assert!(line.text().contains("stopped on an error"));
+        assert_eq!(
+            line.problem.as_deref(),
+            Some("the server refused the login")
+        );
+        b.route = Some(Route::Tor);
+        b.state = BridgeState::Online;
+        b.error = None;
+        let line = BridgeLine::of(&b).expect("line");
+        assert_eq!(
+            line.text(),
+            "XMPP bridge me@example.org through Tor: online"
+        );
+        assert_eq!(line.problem, None);
     }
 
     #[test]

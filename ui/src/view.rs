@@ -29,6 +29,7 @@ struct Forms {
     link_name: String,
     compose: String,
     settings: Option<SettingsForm>,
+    bridge: BridgeForm,
     wipe_confirm: String,
     focus_compose: bool,
     heights: Heights,
@@ -40,6 +41,15 @@ struct Forms {
 struct Heights {
     width: f32,
     by_seq: std::collections::HashMap<(u64, u64), f32>,
+}
+
+#[derive(Default)]
+struct BridgeForm {
+    jid: String,
+    password: Zeroizing<String>,
+    server: String,
+    ca_file: String,
+    direct: bool,
 }
 
 #[derive(Clone)]
@@ -318,9 +328,20 @@ impl App {
                 });
                 ui.separator();
                 ui.label(format!("Live sessions: {}", st.sessions));
+                if let Some(b) = &st.bridge {
+                    ui.separator();
+                    if b.direct {
+                        ui.colored_label(DANGER, b.text());
+                    } else {
+                        ui.label(b.text());
+                    }
+                }
             });
             if let Some(p) = st.tor.as_ref().and_then(|t| t.problem.as_ref()) {
                 ui.colored_label(WARN, p);
+            }
+            if let Some(p) = st.bridge.as_ref().and_then(|b| b.problem.as_ref()) {
+                ui.colored_label(WARN, format!("Bridge: {p}"));
             }
         });
     }
@@ -498,19 +519,27 @@ impl App {
 
     fn add_contact(&mut self, ui: &mut Ui) {
         ui.heading("Add a contact");
-        ui.label("Paste the invite link they gave you.");
+        ui.label("Paste the invite link they gave you, or the XMPP address (xmpp:friend@example.org) of a friend on Conversations, Dino or Gajim: they are reached through the bridge (Settings).");
         let f = &mut self.forms;
-        labelled(ui, "Invite link", |ui| {
+        labelled(ui, "Invite link or XMPP address", |ui| {
             ui.add(TextEdit::singleline(&mut f.link).desired_width(ui.available_width()))
         });
         labelled(ui, "Their name (optional)", |ui| {
             ui.add(TextEdit::singleline(&mut f.link_name).desired_width(200.0))
         });
-        let ready = f.link.contains("coterie-invite");
-        if !f.link.trim().is_empty() && !ready {
+        let link = f.link.trim();
+        let bridged = link.starts_with("xmpp:") && !link.contains('?') && link.contains('@');
+        let ready = link.contains("coterie-invite") || bridged;
+        if !link.is_empty() && !ready {
             ui.colored_label(
                 DANGER,
-                "That is not a Coterie invite link: ask for the whole link (xmpp:…?coterie-invite;…).",
+                "That is neither a Coterie invite link (xmpp:…?coterie-invite;…) nor an XMPP address (xmpp:friend@example.org).",
+            );
+        }
+        if bridged {
+            ui.colored_label(
+                WARN,
+                "A friend on ordinary XMPP: their server sees that you write to each other (not what). Their devices are trusted until you compare fingerprints.",
             );
         }
         if ui.add_enabled(ready, egui::Button::new("Add")).clicked() {
@@ -639,6 +668,62 @@ impl App {
                 self.backend.send(Command::Save {
                     settings: s,
                     retention: form.retention,
+                });
+            }
+            ui.separator();
+            ui.label(RichText::new("Bridge to XMPP").strong());
+            ui.label("Log into an ordinary XMPP account to chat, OMEMO-encrypted, with friends on Conversations, Dino or Gajim. The server keeps no roster, bookmarks or profile of yours; it sees whom you write to and when.");
+            match &self.state.status.bridge {
+                Some(b) => {
+                    ui.label(b.text());
+                    if ui.button("Log out and forget the account").clicked() {
+                        self.backend.send(Command::BridgeOff);
+                    }
+                }
+                None => {
+                    ui.label("No account set.");
+                }
+            }
+            let b = &mut self.forms.bridge;
+            labelled(ui, "Account (user@example.org)", |ui| {
+                ui.add(TextEdit::singleline(&mut b.jid).desired_width(260.0))
+            });
+            labelled(ui, "Password", |ui| {
+                ui.add(
+                    TextEdit::singleline(&mut *b.password)
+                        .password(true)
+                        .desired_width(260.0),
+                )
+            });
+            labelled(ui, "Server (HOST:PORT, optional)", |ui| {
+                ui.add(
+                    TextEdit::singleline(&mut b.server)
+                        .hint_text("the account's domain on 5222")
+                        .desired_width(260.0),
+                )
+            });
+            labelled(ui, "Server's CA certificate (PEM file, optional)", |ui| {
+                ui.add(TextEdit::singleline(&mut b.ca_file).desired_width(260.0))
+            });
+            ui.checkbox(&mut b.direct, "Connect without Tor (DANGEROUS)");
+            if b.direct {
+                ui.colored_label(
+                    DANGER,
+                    "The server, and everyone on the way, sees this device's IP address.",
+                );
+            }
+            let ready = b.jid.contains('@') && !b.password.is_empty();
+            if ui
+                .add_enabled(ready, egui::Button::new("Log in"))
+                .clicked()
+            {
+                let b = std::mem::take(&mut self.forms.bridge);
+                self.backend.send(Command::BridgeSet {
+                    jid: b.jid,
+                    password: b.password,
+                    server: b.server,
+                    ca_file: b.ca_file,
+                    direct: b.direct,
                 });
             }
             ui.separator();

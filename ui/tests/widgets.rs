@@ -59,6 +59,8 @@ fn until(h: &mut Harness<'_, App>, what: &str, cond: impl Fn(&App) -> bool) {
 }
 
 fn type_into(h: &mut Harness<'_, App>, label: &str, text: &str) {
+    h.get_by_label(label).scroll_to_me();
+    h.step();
     h.get_by_label(label).focus();
     h.step();
     h.get_by_label(label).type_text(text);
@@ -66,6 +68,10 @@ fn type_into(h: &mut Harness<'_, App>, label: &str, text: &str) {
 }
 
 fn click(h: &mut Harness<'_, App>, label: &str) {
+    // Controls below a scroll area's fold are scrolled into view first, as
+    // a person would.
+    h.get_by_label(label).scroll_to_me();
+    h.step();
     h.get_by_label(label).click();
     // One frame handles the click, the next shows what it changed.
     h.step();
@@ -180,7 +186,7 @@ fn onboarding_creates_a_profile_then_refuses_a_wrong_passphrase_and_opens_with_t
 
 #[test]
 fn the_status_bar_shows_tor_progress_lan_and_problems() {
-    use coterie_ui::state::{Status, TorLine};
+    use coterie_ui::state::{BridgeLine, Status, TorLine};
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let mut h = harness(dir.path());
     create(&mut h, "alice", "alice passphrase one");
@@ -191,6 +197,12 @@ fn the_status_bar_shows_tor_progress_lan_and_problems() {
             service: "Bootstrapping".into(),
             problem: Some("Tor has not connected after 30 s: check the network".into()),
         }),
+        bridge: Some(BridgeLine {
+            jid: "me@example.org".into(),
+            state: "online".into(),
+            direct: true,
+            problem: None,
+        }),
         lan: true,
         listening: vec![],
         sessions: 0,
@@ -198,6 +210,11 @@ fn the_status_bar_shows_tor_progress_lan_and_problems() {
     h.step();
     h.step();
     assert!(h.query_by_label("Tor 45%: fetching directory").is_some());
+    // A bridge without Tor says so in the status bar.
+    assert!(
+        h.query_by_label("XMPP bridge me@example.org DIRECTLY, without Tor: online")
+            .is_some()
+    );
     assert!(h.query_by_label("Onion service: Bootstrapping").is_some());
     assert!(h.query_by_label("LAN discovery: on").is_some());
     assert!(h.query_by_label_contains("Tor has not connected").is_some());
@@ -222,16 +239,17 @@ fn two_apps_add_each_other_chat_and_verify() {
 
     // Bob pastes it.
     click(&mut b, "Add contact");
-    type_into(&mut b, "Invite link", "not a link");
+    type_into(&mut b, "Invite link or XMPP address", "not a link");
     assert!(
-        b.query_by_label_contains("That is not a Coterie invite")
+        b.query_by_label_contains("That is neither a Coterie invite link")
             .is_some()
     );
-    b.get_by_label("Invite link").focus();
+    b.get_by_label("Invite link or XMPP address").focus();
     b.step();
     b.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
     b.step();
-    b.get_by_label("Invite link").type_text(&link);
+    b.get_by_label("Invite link or XMPP address")
+        .type_text(&link);
     b.step();
     type_into(&mut b, "Their name (optional)", "alice");
     click(&mut b, "Add");
@@ -324,7 +342,7 @@ fn sending_to_an_offline_contact_queues_then_delivers_when_it_returns() {
         let mut b = harness(db.path());
         create(&mut b, "bob", "bob passphrase two");
         click(&mut b, "Add contact");
-        type_into(&mut b, "Invite link", &link);
+        type_into(&mut b, "Invite link or XMPP address", &link);
         click(&mut b, "Add");
         until(&mut a, "bob connected", |x| {
             x.state.contacts.values().any(|c| c.online)
@@ -516,4 +534,66 @@ fn a_long_chat_lays_out_only_what_is_in_view_and_opens_at_the_latest() {
         (5..200).contains(&shown),
         "{shown} of 10,000 messages laid out"
     );
+}
+
+#[test]
+fn a_friend_on_xmpp_is_added_after_setting_up_the_bridge_and_is_marked() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut h = harness(dir.path());
+    create(&mut h, "carol", "carol passphrase one");
+    click(&mut h, "Settings");
+    type_into(&mut h, "Account (user@example.org)", "carol@example.test");
+    type_into(&mut h, "Password", "the account password");
+    // Nothing listens there: the bridge retries and says why.
+    type_into(&mut h, "Server (HOST:PORT, optional)", "127.0.0.1:1");
+    click(&mut h, "Connect without Tor (DANGEROUS)");
+    assert!(
+        h.query_by_label_contains("sees this device's IP address")
+            .is_some(),
+        "going around Tor shows its warning"
+    );
+    click(&mut h, "Log in");
+    until(&mut h, "the bridge in the status bar", |a| {
+        a.state
+            .status
+            .bridge
+            .as_ref()
+            .is_some_and(|b| b.direct && b.problem.is_some())
+    });
+    // In the status bar and in the settings.
+    assert!(
+        h.query_all_by_label_contains("XMPP bridge carol@example.test DIRECTLY, without Tor")
+            .count()
+            >= 1
+    );
+    assert!(
+        h.query_by_label_contains("Bridge: cannot reach the server")
+            .is_some()
+    );
+
+    click(&mut h, "Add contact");
+    type_into(
+        &mut h,
+        "Invite link or XMPP address",
+        "xmpp:dave@example.org",
+    );
+    assert!(
+        h.query_by_label_contains("A friend on ordinary XMPP")
+            .is_some()
+    );
+    click(&mut h, "Add");
+    until(&mut h, "dave in the contact list", |a| {
+        a.state
+            .contacts
+            .values()
+            .any(|c| c.view.name == "dave" && c.view.bridged)
+    });
+    assert!(h.query_by_label_contains("dave — XMPP (bridge)").is_some());
+
+    // Off: the status bar no longer shows a bridge.
+    click(&mut h, "Settings");
+    click(&mut h, "Log out and forget the account");
+    until(&mut h, "the bridge gone", |a| {
+        a.state.status.bridge.is_none()
+    });
 }

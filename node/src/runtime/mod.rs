@@ -661,6 +661,19 @@ impl Node {
         control::contacts_by_id(&self.shared).await
     }
 
+    /// Sets the bridge's account (replacing any) and starts it.
+    pub async fn bridge_set(
+        &self,
+        acct: crate::bridge::BridgeAccount,
+    ) -> Result<crate::bridge::BridgeStatus, crate::ops::OpError> {
+        control::bridge_set(&self.shared, acct).await
+    }
+
+    /// Logs the bridge out and forgets its account.
+    pub async fn bridge_off(&self) -> Result<bool, crate::ops::OpError> {
+        control::bridge_off(&self.shared).await
+    }
+
     /// Current status.
     pub fn status(&self) -> control::StatusView {
         control::status(&self.shared)
