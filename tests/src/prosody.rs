@@ -293,7 +293,8 @@ storage = "internal"
 archive_expires_after = "1w"
 default_archive_policy = true
 ssl = {{ certificate = "{d}/server.crt"; key = "{d}/server.key"; }}
-modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "pep"; "private"; "vcard4"; "vcard_legacy"; "bookmarks"; "mam"; "offline"; "carbons"; "smacks"; "ping"; "version"; "blocklist"; "lastactivity"; "time"; "stanza_debug" }}
+modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "pep"; "private"; "vcard4"; "vcard_legacy"; "bookmarks"; "mam"; "offline"; "carbons"; "smacks"; "ping"; "version"; "blocklist"; "lastactivity"; "time"; "stanza_debug"; "admin_shell" }}
+admin_socket = "{d}/admin.sock"
 modules_disabled = {{ "s2s" }}
 VirtualHost "{domain}"
 "#,
@@ -388,6 +389,34 @@ VirtualHost "{domain}"
     pub fn restart(&mut self) -> Result<(), String> {
         self.stop();
         self.run()
+    }
+
+    /// Runs a command in the server's admin shell (`prosodyctl shell`),
+    /// e.g. `c2s:close("me@example.test", "bye", "policy-violation")`.
+    pub fn shell(&self, command: &str) -> Result<String, String> {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "prosodyctl"]);
+                c
+            }
+            None => Command::new("prosodyctl"),
+        };
+        let out = cmd
+            .arg("--config")
+            .arg(&self.cfg)
+            .args(["shell", command])
+            .output()
+            .map_err(|e| format!("cannot run prosodyctl: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!(
+                "prosodyctl shell {command:?} failed: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
     }
 
     /// Its log (every stanza, at debug level).

@@ -689,3 +689,134 @@ fn a_tor_failure_never_falls_back_to_a_direct_connection() {
     );
     n.stop();
 }
+
+/// The server closes the session with a stream error, again and again:
+/// the bridge comes back each time, waits longer when sessions keep
+/// ending at once, and says what happened.
+#[test]
+fn stream_errors_from_the_server_are_ridden_out_with_growing_pauses() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(
+        &tmp.path().join("prosody"),
+        &ServerOpts::new(DOMAIN, &[("me", "pw")]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut n = NodeProc::init(tmp.path(), "bridge-kicked");
+    let ca = server.ca_file();
+    let out = set(
+        &n,
+        &format!("me@{DOMAIN}"),
+        "pw",
+        &[
+            "--server",
+            &server.addr(),
+            "--ca-file",
+            ca.to_str().expect("path"),
+            "--danger-bridge-without-tor",
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    n.start();
+    wait_state(&n, "online", 30);
+    let mut saw_pause = false;
+    for kick in 1..=3u64 {
+        let said = server
+            .shell(&format!(
+                "c2s:close(\"me@{DOMAIN}\", \"go away\", \"policy-violation\")"
+            ))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(said.contains("1 sessions closed"), "{said}");
+        let mut last = Value::Null;
+        let back = (0..240).any(|_| {
+            std::thread::sleep(Duration::from_millis(250));
+            last = bridge_status(&n);
+            saw_pause |= last["retry_in"].as_u64().is_some();
+            last["state"] == "online" && last["connections"].as_u64() > Some(kick)
+        });
+        assert!(
+            back,
+            "not back after kick {kick}: {last}; log: {}",
+            n.log_text()
+        );
+    }
+    assert!(
+        saw_pause,
+        "sessions that end at once are retried after a pause"
+    );
+    assert!(server.log().contains("policy-violation"));
+    assert!(n.running(), "the node is still up");
+    n.stop();
+}
+
+/// Someone who is not a contact floods the account: nothing is stored,
+/// the status counts them, and the node stays up and keeps chatting.
+#[test]
+fn a_flood_from_a_stranger_stores_nothing_and_stops_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(
+        &tmp.path().join("prosody"),
+        &ServerOpts::new(DOMAIN, &[("ana", "pw1"), ("eve", "pw2")]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ca = server.ca_file();
+    let ca = ca.to_str().expect("path").to_string();
+    let mut ana = NodeProc::init(tmp.path(), "ana-node");
+    let mut eve = NodeProc::init(tmp.path(), "eve-node");
+    for (n, user, pw) in [(&ana, "ana", "pw1"), (&eve, "eve", "pw2")] {
+        let out = set(
+            n,
+            &format!("{user}@{DOMAIN}"),
+            pw,
+            &[
+                "--server",
+                &server.addr(),
+                "--ca-file",
+                &ca,
+                "--danger-bridge-without-tor",
+            ],
+        );
+        assert_eq!(out.code, 0, "{}", out.stderr);
+    }
+    // Eve adds Ana; Ana does not add Eve.
+    assert_eq!(eve.cli(&["add", &format!("xmpp:ana@{DOMAIN}")]).code, 0);
+    ana.start();
+    eve.start();
+    wait_state(&ana, "online", 30);
+    wait_state(&eve, "online", 30);
+    const FLOOD: u64 = 300;
+    let mut c = eve.control_conn().unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..FLOOD {
+        let r = c
+            .call(
+                &serde_json::json!({"cmd": "send", "contact": "ana", "text": format!("spam {i}")}),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(r["seq"].as_u64().is_some(), "{r}");
+    }
+    let mut last = Value::Null;
+    let counted = (0..240).any(|_| {
+        std::thread::sleep(Duration::from_millis(250));
+        last = bridge_status(&ana);
+        last["ignored"].as_u64() >= Some(FLOOD)
+    });
+    assert!(
+        counted,
+        "ana counted the flood: {last}; eve: {}",
+        bridge_status(&eve)
+    );
+    assert_eq!(ana.cli(&["contacts"]).json.len(), 0, "no contact made");
+    assert!(ana.running());
+    // Ana adds Eve after all: from then on her messages are read.
+    assert_eq!(ana.cli(&["add", &format!("xmpp:eve@{DOMAIN}")]).code, 0);
+    eve.send("ana", "now you know me");
+    wait_for("ana reads eve", Duration::from_secs(30), || {
+        (arrived(&ana, "eve", "now you know me") == 1).then_some(())
+    });
+    assert_eq!(
+        history(&ana, "eve").len(),
+        1,
+        "none of the flood was stored"
+    );
+    ana.stop();
+    eve.stop();
+}

@@ -158,8 +158,10 @@ async fn run(
     let gave_up = Arc::new(tokio::sync::Notify::new());
     // Connections handed to the stream since it was last established.
     let handed = Arc::new(AtomicU32::new(0));
+    let up = Arc::new(Mutex::new((None, 0u32)));
     let reconnector = {
         let handed = handed.clone();
+        let up = up.clone();
         let status = status.clone();
         let stopped = stopped.clone();
         let ended = ended.clone();
@@ -176,6 +178,7 @@ async fn run(
                         ended: ended.clone(),
                         gave_up: gave_up.clone(),
                         handed: handed.clone(),
+                        up: up.clone(),
                     },
                     slot,
                 ));
@@ -207,6 +210,7 @@ async fn run(
             None => break false,
             Some(Event::Stream(StreamEvent::Reset { .. })) => {
                 handed.store(0, Ordering::SeqCst);
+                lock(&up).0 = Some(std::time::Instant::now());
                 // Answers to what the old stream asked will not come.
                 for (_, reply) in pending.drain() {
                     let _ = reply.send(Err("the connection was reset".into()));
@@ -230,6 +234,8 @@ async fn run(
             Some(Event::Stream(StreamEvent::Suspended)) => set(&status, |s| {
                 if s.state == BridgeState::Online {
                     s.state = BridgeState::Connecting;
+                    s.error =
+                        Some("the server closed the connection or it broke; reconnecting".into());
                 }
             }),
             Some(Event::Stanza(Stanza::Message(m))) => {
@@ -390,7 +396,13 @@ struct Attempt {
     ended: Arc<AtomicBool>,
     gave_up: Arc<tokio::sync::Notify>,
     handed: Arc<AtomicU32>,
+    /// When the last session came up, and how many in a row ended within
+    /// [`STABLE`].
+    up: Arc<Mutex<(Option<std::time::Instant>, u32)>>,
 }
+
+/// A session that lasts this long counts as stable.
+const STABLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Logs in until it works, the user must act, or the bridge stops.
 ///
@@ -407,6 +419,7 @@ async fn connect_loop(a: Attempt, slot: oneshot::Sender<Connection>) {
         ended,
         gave_up,
         handed,
+        up,
     } = a;
     // The stream asks again although the last connection we handed it
     // never came up: that connection failed during negotiation. The known
@@ -422,8 +435,33 @@ async fn connect_loop(a: Attempt, slot: oneshot::Sender<Connection>) {
     };
     let unestablished = handed.load(Ordering::SeqCst);
     let mut attempt = unestablished.saturating_sub(1);
-    if unestablished > 1 {
-        let pause = backoff(attempt - 1, &mut rand::thread_rng());
+    // A session that ended soon after it came up (a server that closes
+    // every stream with an error, say) is not retried at once either.
+    let flapped = {
+        let mut u = lock(&up);
+        match u.0.take() {
+            Some(t) if t.elapsed() < STABLE => {
+                u.1 = u.1.saturating_add(1);
+                Some(u.1)
+            }
+            Some(_) => {
+                u.1 = 0;
+                None
+            }
+            None => None,
+        }
+    };
+    let pause = {
+        let mut rng = rand::thread_rng();
+        [
+            (unestablished > 1).then(|| backoff(unestablished - 2, &mut rng)),
+            flapped.map(|n| backoff(n - 1, &mut rng)),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+    };
+    if let Some(pause) = pause {
         set(&status, |s| {
             s.state = BridgeState::Retrying;
             s.retry_in = Some(pause.as_secs().max(1));
