@@ -426,7 +426,7 @@ fn a_certificate_for_another_name_is_refused() {
 }
 
 fn history(n: &NodeProc, contact: &str) -> Vec<Value> {
-    let out = n.cli(&["history", contact]);
+    let out = n.cli(&["history", contact, "--limit", "1000"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     out.json
 }
@@ -819,4 +819,90 @@ fn a_flood_from_a_stranger_stores_nothing_and_stops_nothing() {
     );
     ana.stop();
     eve.stop();
+}
+
+/// Ben's node is killed (-9) while Ana's messages stream in: whatever the
+/// server had handed over but the node had not stored yet comes back from
+/// the archive, and what the server still held comes from its offline
+/// store: every message arrives exactly once.
+#[test]
+fn a_killed_node_gets_every_message_exactly_once_from_the_archive() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(
+        &tmp.path().join("prosody"),
+        &ServerOpts::new(DOMAIN, &[("ana", "pw1"), ("ben", "pw2")]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ca = server.ca_file();
+    let ca = ca.to_str().expect("path").to_string();
+    let mut nodes = Vec::new();
+    for (name, user, pw, other) in [
+        ("ana-k", "ana", "pw1", "ben"),
+        ("ben-k", "ben", "pw2", "ana"),
+    ] {
+        let mut n = NodeProc::init(tmp.path(), name);
+        let out = set(
+            &n,
+            &format!("{user}@{DOMAIN}"),
+            pw,
+            &[
+                "--server",
+                &server.addr(),
+                "--ca-file",
+                &ca,
+                "--danger-bridge-without-tor",
+            ],
+        );
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_eq!(n.cli(&["add", &format!("xmpp:{other}@{DOMAIN}")]).code, 0);
+        n.start();
+        nodes.push(n);
+    }
+    for n in &nodes {
+        wait_state(n, "online", 30);
+    }
+    // One message first, so Ben's node has an archive position.
+    nodes[0].send("ben", "m-first");
+    wait_or_dump("the first message", 30, &nodes, &server, || {
+        arrived(&nodes[1], "ana", "m-first") == 1
+    });
+    const N: usize = 60;
+    let mut c = nodes[0].control_conn().unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..N {
+        c.call(&serde_json::json!({"cmd": "send", "contact": "ben", "text": format!("m-{i:03}")}))
+            .unwrap_or_else(|e| panic!("{e}"));
+        if i == N / 3 {
+            nodes[1].kill9();
+        }
+    }
+    wait_or_dump("all sent", 60, &nodes[..1], &server, || {
+        history(&nodes[0], "ben")
+            .iter()
+            .filter(|m| m["dir"] == "out")
+            .all(|m| m["state"] != "queued")
+    });
+    nodes[1].start();
+    wait_or_dump("every message at ben", 60, &nodes, &server, || {
+        (0..N).all(|i| arrived(&nodes[1], "ana", &format!("m-{i:03}")) >= 1)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..N {
+        assert_eq!(
+            arrived(&nodes[1], "ana", &format!("m-{i:03}")),
+            1,
+            "m-{i:03} exactly once"
+        );
+    }
+    assert_eq!(arrived(&nodes[1], "ana", "m-first"), 1);
+    let caught: Vec<String> = nodes[1]
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("caught up from the archive"))
+        .map(str::to_string)
+        .collect();
+    eprintln!("ben: {caught:?}");
+    assert!(!caught.is_empty(), "the restarted node read the archive");
+    for n in nodes.iter_mut() {
+        n.stop();
+    }
 }

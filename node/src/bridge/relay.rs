@@ -33,13 +33,52 @@ const DEVICES_FRESH: Duration = Duration::from_secs(600);
 /// Devices of one friend whose bundles are fetched.
 const MAX_FETCHED_DEVICES: usize = 16;
 
+/// An IQ's answer: the result payload and, for an archive query, the
+/// archived messages (archive id, message) that came before it.
+pub(crate) type Reply = oneshot::Sender<Result<(Option<Element>, Vec<(String, Message)>), String>>;
+
+/// Archived messages asked for per page.
+pub const MAM_PAGE: usize = 50;
+/// Pages read per session at most.
+const MAM_PAGES: usize = 40;
+/// Archive ids remembered to recognise a message seen twice.
+const SEEN: usize = 4096;
+
 /// What tasks ask of the stream's owner.
 #[derive(Debug)]
 pub(crate) enum Cmd {
     /// Send a stanza.
     Send(Box<Stanza>),
-    /// Send an IQ and hand back its answer.
-    Iq(Box<Iq>, oneshot::Sender<Result<Option<Element>, String>>),
+    /// Send an IQ and hand back its answer (with the archived messages of
+    /// the archive query named, if any).
+    Iq(Box<Iq>, Option<String>, Reply),
+}
+
+/// A page of our own archive: `(queryid, (archive id, message))`. Only
+/// from our own account (no `from`, or our bare JID): anyone else could
+/// forge "archived" messages.
+pub(crate) fn archived(m: &Message, own: &BareJid) -> Option<(String, (String, Message))> {
+    use tokio_xmpp::parsers::mam::Result_;
+    let el = m
+        .payloads
+        .iter()
+        .find(|p| p.is("result", "urn:xmpp:mam:2"))?;
+    if m.from.as_ref().is_some_and(|f| f.to_bare() != *own) {
+        return None;
+    }
+    let r = Result_::try_from(el.clone()).ok()?;
+    Some((r.queryid?.0, (r.id, r.forwarded.message)))
+}
+
+/// The archive id our server stamped on a message (XEP-0359), if any.
+fn stanza_id(m: &Message, own: &BareJid) -> Option<String> {
+    use tokio_xmpp::parsers::stanza_id::StanzaId;
+    m.payloads
+        .iter()
+        .filter(|p| p.is("stanza-id", "urn:xmpp:sid:0"))
+        .filter_map(|p| StanzaId::try_from(p.clone()).ok())
+        .find(|s| s.by.to_bare() == *own)
+        .map(|s| s.id)
 }
 
 /// A handle on the stream, for the chat tasks.
@@ -56,9 +95,18 @@ impl Link {
 
     /// Sends a get/set IQ; its result payload, or why not.
     async fn iq(&self, iq: Iq) -> Result<Option<Element>, String> {
+        Ok(self.query(iq, None).await?.0)
+    }
+
+    /// Sends an IQ, collecting the archived messages of `archive_query`.
+    async fn query(
+        &self,
+        iq: Iq,
+        archive_query: Option<String>,
+    ) -> Result<(Option<Element>, Vec<(String, Message)>), String> {
         let (tx, rx) = oneshot::channel();
         self.0
-            .send(Cmd::Iq(Box::new(iq), tx))
+            .send(Cmd::Iq(Box::new(iq), archive_query, tx))
             .await
             .map_err(|_| "the bridge stopped".to_string())?;
         match tokio::time::timeout(IQ_TIMEOUT, rx).await {
@@ -81,6 +129,8 @@ pub(crate) struct Chats {
     pub(crate) identity: Arc<Identity>,
     pub(crate) link: Link,
     fetched: Mutex<HashMap<u64, Instant>>,
+    /// Archive ids of messages handled, newest last.
+    seen: Mutex<std::collections::VecDeque<String>>,
 }
 
 impl std::fmt::Debug for Chats {
@@ -115,6 +165,7 @@ impl Chats {
             identity: Arc::new(Identity::from_seed(omemo_seed)),
             link,
             fetched: Mutex::new(HashMap::new()),
+            seen: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 
@@ -278,11 +329,127 @@ impl Chats {
         }
     }
 
+    /// Reads what the archive holds after the last message handled, page
+    /// by page, and handles it as if it had just arrived. Returns how many
+    /// archived messages it read. Nothing to do before the first message.
+    pub(crate) async fn catch_up(&self) -> Result<usize, String> {
+        use tokio_xmpp::parsers::mam::{Fin, Query, QueryId};
+        use tokio_xmpp::parsers::rsm::SetQuery;
+        let own = self.account.to_string();
+        let Some(mut last) = db(&self.store, move |s| s.bridge_cursor(&own)).await? else {
+            // The first session: start from the archive's newest message
+            // (what is older and not yet read comes from the offline
+            // store, after our presence).
+            let queryid = format!("q{:016x}", rand::random::<u64>());
+            let query = Query {
+                queryid: Some(QueryId(queryid.clone())),
+                node: None,
+                form: None,
+                set: Some(SetQuery {
+                    max: Some(1),
+                    after: None,
+                    before: Some(String::new()),
+                    index: None,
+                }),
+                flip_page: false,
+            };
+            let (fin, page) = self
+                .link
+                .query(Iq::from_set(iq_id(), query), Some(queryid))
+                .await?;
+            let newest = fin
+                .and_then(|f| Fin::try_from(f).ok())
+                .and_then(|f| f.set.last)
+                .or_else(|| page.last().map(|(id, _)| id.clone()));
+            if let Some(id) = newest {
+                let own = self.account.to_string();
+                db(&self.store, move |s| s.set_bridge_cursor(&own, &id)).await?;
+            }
+            return Ok(0);
+        };
+        let mut read = 0;
+        for _ in 0..MAM_PAGES {
+            let queryid = format!("q{:016x}", rand::random::<u64>());
+            let query = Query {
+                queryid: Some(QueryId(queryid.clone())),
+                node: None,
+                form: None,
+                set: Some(SetQuery {
+                    max: Some(MAM_PAGE),
+                    after: Some(last.clone()),
+                    before: None,
+                    index: None,
+                }),
+                flip_page: false,
+            };
+            let (fin, page) = self
+                .link
+                .query(Iq::from_set(iq_id(), query), Some(queryid))
+                .await?;
+            let complete = fin
+                .and_then(|f| Fin::try_from(f).ok())
+                .is_none_or(|f| f.complete);
+            let n = page.len();
+            for (id, m) in page {
+                self.handle(m, Some(id.clone())).await?;
+                last = id;
+                read += 1;
+            }
+            if complete || n == 0 {
+                break;
+            }
+        }
+        Ok(read)
+    }
+
+    fn seen(&self, archive_id: &str) -> bool {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|s| s == archive_id)
+    }
+
+    fn mark_seen(&self, archive_id: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() == SEEN {
+            seen.pop_front();
+        }
+        seen.push_back(archive_id.to_owned());
+    }
+
     /// A message that arrived on the account. Returns whether it was from
     /// a bridged contact (anything else is not stored).
     pub(crate) async fn received(&self, m: Message) -> Result<bool, String> {
-        let Some(from) = m.from.as_ref().map(|j| j.to_bare()) else {
-            return Ok(false);
+        let archive_id = stanza_id(&m, &self.account);
+        if archive_id.as_deref().is_some_and(|id| self.seen(id)) {
+            // Read from the archive already (the offline store hands over
+            // the same messages after our presence).
+            return Ok(true);
+        }
+        self.handle(m, archive_id).await
+    }
+
+    /// Stores what a bridged contact sent, and moves the archive cursor
+    /// past it in the same transaction (`archive_id`: its id in our
+    /// archive, when the server stamped one). Our own messages (from
+    /// another session, or archived) and other people's move only the
+    /// cursor.
+    async fn handle(&self, m: Message, archive_id: Option<String>) -> Result<bool, String> {
+        if let Some(id) = &archive_id {
+            self.mark_seen(id);
+        }
+        let own = self.account.to_string();
+        let cursor_only = |archive_id: Option<String>, own: String| async move {
+            if let Some(id) = archive_id {
+                db(&self.store, move |s| s.set_bridge_cursor(&own, &id)).await?;
+            }
+            Ok::<(), String>(())
+        };
+        let from = m.from.as_ref().map(|j| j.to_bare());
+        let Some(from) = from.filter(|f| *f != self.account) else {
+            cursor_only(archive_id, own).await?;
+            return Ok(true);
         };
         let jid = from.to_string();
         let j2 = jid.clone();
@@ -293,17 +460,20 @@ impl Chats {
         })
         .await?;
         let Some(c) = contact else {
+            cursor_only(archive_id, own).await?;
             return Ok(false);
         };
         let item = crate::stream::session::incoming_of(Element::from(m));
         if matches!(item, Incoming::Other) {
+            cursor_only(archive_id, own).await?;
             return Ok(true);
         }
         let ctx = self.ctx(&jid).await?;
         let id = c.id;
         let now = crate::ops::now_ms();
-        let (_, res) = db(&self.store, move |s| {
-            s.ack_and_receive(id, None, &[item], now, Some(&ctx))
+        let res = db(&self.store, move |s| {
+            let cursor = archive_id.as_deref().map(|a| (own.as_str(), a));
+            s.receive_bridged(id, &[item], now, &ctx, cursor)
         })
         .await?;
         for &seq in &res.new_messages {

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use minidom::Element;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_xmpp::Stanza;
 use tokio_xmpp::parsers::iq::Iq;
@@ -22,7 +21,7 @@ use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError
 use tokio_xmpp::stanzastream::{Connection, Event, StanzaStream, StreamEvent};
 
 use super::connect::{self, Dial};
-use super::relay::{Chats, Cmd, Link};
+use super::relay::{self, Chats, Cmd, Link};
 use super::{BridgeAccount, BridgeError, BridgeState, BridgeStatus, backoff};
 use crate::store::ContactState;
 
@@ -138,6 +137,7 @@ async fn run(
         Ok(v) => v,
         Err(e) => return fail(&status, &e),
     };
+    let own = account.clone();
     let (cmd_tx, mut cmds) = mpsc::channel::<Cmd>(QUEUE_DEPTH);
     let (inbox_tx, inbox) = mpsc::channel::<Message>(QUEUE_DEPTH);
     let (online_tx, online) = watch::channel(0u64);
@@ -150,8 +150,7 @@ async fn run(
     ));
     let worker = tokio::spawn(chat_worker(chats, kicks, inbox, online, status.clone()));
     // IQs we sent, by id, waiting for their answer.
-    let mut pending: HashMap<String, oneshot::Sender<Result<Option<Element>, String>>> =
-        HashMap::new();
+    let mut pending: HashMap<String, Pending> = HashMap::new();
     // Set when the session ends (stopped, or an error the user must fix):
     // from then on every connection the stream asks for is a dead one.
     let ended = Arc::new(AtomicBool::new(false));
@@ -193,11 +192,11 @@ async fn run(
             Some(cmd) = cmds.recv() => {
                 match cmd {
                     Cmd::Send(st) => drop(stream.send(st).await),
-                    Cmd::Iq(iq, reply) => {
+                    Cmd::Iq(iq, query, reply) => {
                         if pending.len() >= MAX_PENDING_IQS {
                             let _ = reply.send(Err("too many requests in flight".into()));
                         } else {
-                            pending.insert(iq.id().to_owned(), reply);
+                            pending.insert(iq.id().to_owned(), (reply, query, Vec::new()));
                             drop(stream.send(Box::new(Stanza::Iq(*iq))).await);
                         }
                     }
@@ -212,7 +211,7 @@ async fn run(
                 handed.store(0, Ordering::SeqCst);
                 lock(&up).0 = Some(std::time::Instant::now());
                 // Answers to what the old stream asked will not come.
-                for (_, reply) in pending.drain() {
+                for (_, (reply, _, _)) in pending.drain() {
                     let _ = reply.send(Err("the connection was reset".into()));
                 }
                 set(&status, |s| s.published = false);
@@ -239,6 +238,17 @@ async fn run(
                 }
             }),
             Some(Event::Stanza(Stanza::Message(m))) => {
+                // A page of our own archive, for the query that asked.
+                if let Some((query, archived)) = relay::archived(&m, &own) {
+                    if let Some((_, _, got)) = pending
+                        .values_mut()
+                        .find(|(_, q, _)| q.as_deref() == Some(query.as_str()))
+                        && got.len() < relay::MAM_PAGE * 2
+                    {
+                        got.push(archived);
+                    }
+                    continue;
+                }
                 // Waits when the chat worker is behind: the server keeps
                 // the rest (stream management) meanwhile.
                 let _ = inbox_tx.send(m).await;
@@ -247,12 +257,12 @@ async fn run(
                 let id = iq.id().to_owned();
                 match iq {
                     Iq::Result { payload, .. } => {
-                        if let Some(reply) = pending.remove(&id) {
-                            let _ = reply.send(Ok(payload));
+                        if let Some((reply, _, archived)) = pending.remove(&id) {
+                            let _ = reply.send(Ok((payload, archived)));
                         }
                     }
                     Iq::Error { error, .. } => {
-                        if let Some(reply) = pending.remove(&id) {
+                        if let Some((reply, _, _)) = pending.remove(&id) {
                             let _ = reply.send(Err(format!("{:?}", error.defined_condition)));
                         }
                     }
@@ -285,6 +295,10 @@ async fn run(
 /// How often messages waiting for a friend's keys look for them again.
 const KEYS_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// An IQ waiting for its answer: who wants it, the archive query it
+/// belongs to, and the archived messages that came for it so far.
+type Pending = (relay::Reply, Option<String>, Vec<(String, Message)>);
+
 /// IQs the bridge may wait for at once.
 const MAX_PENDING_IQS: usize = 256;
 
@@ -315,6 +329,15 @@ async fn chat_worker(
                     return;
                 }
                 session = true;
+                // What arrived while we were away or was lost in a crash,
+                // from the archive, before the presence that makes the
+                // server hand over its offline store (the same messages,
+                // recognised by their archive id).
+                match chats.catch_up().await {
+                    Ok(n) if n > 0 => tracing::info!(messages = n, "bridge: caught up from the archive"),
+                    Ok(_) => {}
+                    Err(e) => note(&status, Some(format!("reading the archive failed: {e}"))),
+                }
                 let presence = Stanza::Presence(Presence::available());
                 if chats.link.0.send(Cmd::Send(Box::new(presence))).await.is_err() {
                     return;

@@ -29,6 +29,8 @@ const PEERS: TableDefinition<u64, &[u8]> = TableDefinition::new("peers");
 const MESSAGES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("messages");
 const OUTBOX: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("outbox");
 const INVITES: TableDefinition<u64, &[u8]> = TableDefinition::new("invites");
+/// Row of the profile table holding the bridge's archive cursor.
+const BRIDGE_CURSOR_ROW: u64 = 1;
 
 /// The store file's name inside a profile directory.
 pub const STORE_FILE: &str = "profile.redb";
@@ -340,6 +342,65 @@ impl Store {
             t.insert(0, v.as_slice()).ctx("write profile")?;
         }
         tx.commit().ctx("commit")
+    }
+
+    /// Where the bridge account `jid` stopped reading its server's archive
+    /// (the archive id of the last message handled), if it has.
+    pub fn bridge_cursor(&self, jid: &str) -> Result<Option<String>, StoreError> {
+        let rx = self.db.begin_read().ctx("read")?;
+        let t = rx.open_table(PROFILE).ctx("open profile")?;
+        let Some(v) = t.get(BRIDGE_CURSOR_ROW).ctx("read cursor")? else {
+            return Ok(None);
+        };
+        let (j, id): (String, String) =
+            self.open_json("profile", &k64(BRIDGE_CURSOR_ROW), v.value())?;
+        Ok((j == jid).then_some(id))
+    }
+
+    /// Moves the bridge account's archive cursor (for an archived message
+    /// that stores nothing).
+    pub fn set_bridge_cursor(&self, jid: &str, id: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().ctx("write")?;
+        self.put_cursor(&tx, jid, id)?;
+        tx.commit().ctx("commit")
+    }
+
+    fn put_cursor(
+        &self,
+        tx: &redb::WriteTransaction,
+        jid: &str,
+        id: &str,
+    ) -> Result<(), StoreError> {
+        let mut t = tx.open_table(PROFILE).ctx("open profile")?;
+        let v = self.seal_json(
+            "profile",
+            &k64(BRIDGE_CURSOR_ROW),
+            &(jid.to_owned(), id.to_owned()),
+        )?;
+        t.insert(BRIDGE_CURSOR_ROW, v.as_slice())
+            .ctx("write cursor")?;
+        Ok(())
+    }
+
+    /// [`Store::ack_and_receive`] for a message the bridge got, with its
+    /// archive id: the message and the cursor past it are stored in one
+    /// transaction, so a crash never stores one without the other (the
+    /// archive is read again from the cursor: exactly once).
+    pub fn receive_bridged(
+        &self,
+        contact: u64,
+        items: &[Incoming],
+        now_ms: u64,
+        ctx: &OmemoCtx,
+        cursor: Option<(&str, &str)>,
+    ) -> Result<Received, StoreError> {
+        let tx = self.db.begin_write().ctx("write")?;
+        let res = self.receive_in(&tx, contact, items, now_ms, Some(ctx))?;
+        if let Some((jid, id)) = cursor {
+            self.put_cursor(&tx, jid, id)?;
+        }
+        tx.commit().ctx("commit")?;
+        Ok(res)
     }
 
     // ---- contacts ----
