@@ -13,6 +13,7 @@ pub mod omemo_peer;
 pub mod prosody;
 pub mod raw;
 pub mod tornet;
+pub mod xmpp_client;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
