@@ -46,6 +46,8 @@ pub struct FriendOpts {
     pub data: PathBuf,
     /// Its OMEMO versions.
     pub omemo: Omemo,
+    /// Answer every message with `echo:` + its body.
+    pub echo: bool,
 }
 
 /// A running friend.
@@ -92,6 +94,7 @@ impl Friend {
                 "--log-level",
                 &std::env::var("COTERIE_FRIEND_LOG").unwrap_or_else(|_| "WARNING".into()),
             ])
+            .args(o.echo.then_some("--echo"))
             .env("FRIEND_PASSWORD", &o.password)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -182,6 +185,25 @@ impl Friend {
                     .filter_map(|n| n.as_str().map(str::to_string))
                     .collect()
             })
+            .unwrap_or_default())
+    }
+
+    /// `n` round trips of `size`-byte messages to the echoing friend `to`:
+    /// milliseconds each, measured inside the friend's process.
+    pub fn rtt(&mut self, to: &str, n: usize, size: usize) -> Result<Vec<f64>, String> {
+        let cmd = json!({"cmd": "rtt", "to": to, "n": n, "size": size});
+        writeln!(self.stdin, "{cmd}").map_err(|e| e.to_string())?;
+        self.stdin.flush().map_err(|e| e.to_string())?;
+        let r = self.next_line(Duration::from_secs(60 + 30 * n as u64), |v| {
+            v.get("ok").is_some()
+        })?;
+        if r["ok"] != true {
+            return Err(format!("the round trips failed: {}", r["error"]));
+        }
+        self.messages.clear();
+        Ok(r["ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
             .unwrap_or_default())
     }
 

@@ -117,6 +117,7 @@ fn friend(s: &Setup, name: &str, omemo: Omemo) -> Friend {
         ca_file: s.server.ca_file(),
         data: s._tmp.path().join(format!("{name}-omemo")),
         omemo,
+        echo: false,
     })
     .unwrap_or_else(|e| panic!("{e}"))
 }

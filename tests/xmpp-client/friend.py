@@ -23,6 +23,8 @@ Events (stdout):
 Commands (stdin), each answered by one line ``{"ok":true,...}`` or ``{"ok":false,"error":TEXT}``:
 
 * ``{"cmd":"send","to":J,"body":T}`` -> ``{"ok":true,"ns":[NS...],"id":ID}``: OMEMO-encrypted.
+* ``{"cmd":"rtt","to":J,"n":N,"size":BYTES}`` -> ``{"ok":true,"ms":[...]}``: N round trips to an
+  echoing peer (one started with ``--echo``, which answers every message with ``echo:`` + its body).
 * ``{"cmd":"quit"}``: disconnect and exit 0 (EOF on stdin does the same).
 """
 
@@ -33,10 +35,11 @@ import logging
 import os
 import secrets
 import sys
+import time
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Optional
+from typing import Any, Dict, FrozenSet, List, Optional
 
 import oldmemo
 import oldmemo.etree
@@ -149,9 +152,12 @@ async def prepare_old_only(  # pylint: disable=too-many-arguments
 class Friend(ClientXMPP):
     """The client: logs in, announces OMEMO, reports messages, sends on command."""
 
-    def __init__(self, jid: str, password: str, omemo_versions: str) -> None:
+    def __init__(self, jid: str, password: str, omemo_versions: str, echo: bool) -> None:
         super().__init__(jid, password)
         self.omemo_versions = omemo_versions
+        self.echo = echo
+        # (sender, body) -> a future the rtt command waits on.
+        self.waiters: Dict[Any, "asyncio.Future[None]"] = {}
         self.ready = asyncio.Event()
         self.add_event_handler("session_start", self.on_start)
         # Not the "message" event: slixmpp raises it only for messages with
@@ -187,6 +193,25 @@ class Friend(ClientXMPP):
             emit({"event": "error", **base, "error": f"{type(e).__name__}: {e}"})
             return
         emit({"event": "message", **base, "encrypted": True, "body": body})
+        waiter = self.waiters.pop((sender, body), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self.echo and body and not body.startswith("echo:"):
+            await self.send_encrypted(sender, "echo:" + body)
+
+    async def rtt(self, to: str, n: int, size: int) -> List[float]:
+        """n round trips to an echoing peer: send, wait for the echo; milliseconds each."""
+        loop = asyncio.get_running_loop()
+        times = []
+        for i in range(n):
+            body = f"rtt {i} ".ljust(size, "x")
+            fut: "asyncio.Future[None]" = loop.create_future()
+            self.waiters[(JID(to).bare, "echo:" + body)] = fut
+            start = time.perf_counter()
+            await self.send_encrypted(to, body)
+            await asyncio.wait_for(fut, 30)
+            times.append((time.perf_counter() - start) * 1000)
+        return times
 
     async def decrypt(self, stanza: Message, sender: str) -> Optional[str]:
         """The body: OMEMO 2 (its XEP-0420 envelope, whose <from/> must be the sender) when the message has
@@ -268,6 +293,9 @@ async def commands(friend: Friend) -> None:
             if cmd["cmd"] == "send":
                 out = await friend.send_encrypted(cmd["to"], cmd["body"])
                 emit({"ok": True, **out})
+            elif cmd["cmd"] == "rtt":
+                times = await friend.rtt(cmd["to"], int(cmd["n"]), int(cmd.get("size", 100)))
+                emit({"ok": True, "ms": times})
             elif cmd["cmd"] == "quit":
                 emit({"ok": True})
                 break
@@ -286,6 +314,7 @@ def main() -> None:
     parser.add_argument("--ca-file", required=True, type=Path)
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--omemo", choices=["both", "0.3"], default="both")
+    parser.add_argument("--echo", action="store_true", help="answer every message with 'echo:' + its body")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()
     logging.basicConfig(level=args.log_level, stream=sys.stderr)
@@ -300,7 +329,7 @@ def main() -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     register_plugin(Omemo)
-    friend = Friend(args.jid, password, args.omemo)
+    friend = Friend(args.jid, password, args.omemo, args.echo)
     friend.ca_certs = args.ca_file
     friend.register_plugin("xep_0199")
     friend.register_plugin("xep_0380")

@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p coterie-tests --bin coterie-bench -- [all|rtt|throughput|store] [--n N] [--store-messages N]
 //! cargo run --release -p coterie-tests --bin coterie-bench -- tor [--n N] [--runs N]
+//! cargo run --release -p coterie-tests --bin coterie-bench -- bridge [--n N]
 //! ```
 //!
 //! Everything runs on 127.0.0.1. `rtt` needs Debian's `prosody`. `lan` and
@@ -863,12 +864,104 @@ fn main() {
         tor(flag("--n", 200), flag("--runs", 5));
         return;
     }
+    if what == "bridge" {
+        bridge(&rt, flag("--n", 100));
+        return;
+    }
     if matches!(what, "all" | "omemo") {
         omemo(flag("--omemo-messages", 10_000));
     }
     if matches!(what, "all" | "store") {
         store(flag("--store-messages", 1_000_000));
     }
+}
+
+/// Round trips through an ordinary XMPP server: Coterie's bridge → an
+/// echoing slixmpp-omemo friend → back, against the same between two
+/// Python clients. Both OMEMO 2, 100-byte messages, Prosody with TLS on
+/// 127.0.0.1, the bridge connected directly (no Tor).
+fn bridge(rt: &tokio::runtime::Runtime, n: usize) {
+    use coterie_tests::prosody::{Server, ServerOpts};
+    use coterie_tests::xmpp_client::{Friend, FriendOpts, Omemo};
+    const WARM: usize = 10;
+    const SIZE: usize = 100;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(
+        &tmp.path().join("prosody"),
+        &ServerOpts::new(
+            "example.test",
+            &[("me", "pw"), ("echo", "pw"), ("py", "pw")],
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let friend = |name: &str, echo: bool| {
+        Friend::start(&FriendOpts {
+            jid: format!("{name}@example.test"),
+            password: "pw".into(),
+            server: server.addr(),
+            ca_file: server.ca_file(),
+            data: tmp.path().join(name),
+            omemo: Omemo::Both,
+            echo,
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let _echo = friend("echo", true);
+    println!(
+        "## {SIZE}-byte OMEMO 2 message round trip through Prosody (TLS, 127.0.0.1) to an echoing slixmpp-omemo client, {n} runs after {WARM} warm-up"
+    );
+    let mut py = friend("py", false);
+    py.rtt("echo@example.test", WARM, SIZE)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let python = py
+        .rtt("echo@example.test", n, SIZE)
+        .unwrap_or_else(|e| panic!("{e}"));
+    py.quit();
+
+    let ca = std::fs::read_to_string(server.ca_file()).expect("ca");
+    let coterie = rt.block_on(async {
+        let dir = tmp.path().join("me");
+        create(&dir, "me");
+        let node = start(&dir).await;
+        let acct = node::bridge::BridgeAccount::new(
+            "me@example.test",
+            "pw".into(),
+            Some(&server.addr()),
+            Some(ca),
+            true,
+        )
+        .expect("account");
+        node.bridge_set(acct).await.expect("bridge");
+        node.add("xmpp:echo@example.test", None).await.expect("add");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(node.status().bridge.state == node::bridge::BridgeState::Online
+            && node.status().bridge.published)
+        {
+            assert!(Instant::now() < deadline, "bridge not online");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut ev = node.subscribe();
+        let mut out = Vec::with_capacity(n);
+        for i in 0..WARM + n {
+            let body = format!("rtt {i} ");
+            let body = format!("{body:x<SIZE$}");
+            let t = Instant::now();
+            node.send("echo", &body).await.expect("send");
+            wait_event(&mut ev, |e| matches!(e, NodeEvent::Received { .. })).await;
+            if i >= WARM {
+                out.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        node.shutdown().await;
+        out
+    });
+    let (pm, p9, p99) = stats(python);
+    let (cm, c9, c99) = stats(coterie);
+    println!("| path | median ms | p90 ms | p99 ms |");
+    println!("| --- | --- | --- | --- |");
+    println!("| Coterie bridge → friend → Coterie | {cm:.3} | {c9:.3} | {c99:.3} |");
+    println!("| Python client → friend → Python client | {pm:.3} | {p9:.3} | {p99:.3} |");
+    println!("ratio Coterie / Python (median): {:.2}", cm / pm);
 }
 
 fn chrono_free_date() -> String {
