@@ -1,5 +1,6 @@
 //! # coterie-node
 pub mod bridge;
+pub mod group;
 pub mod invite;
 pub mod omemo;
 pub mod ops;
