@@ -48,6 +48,8 @@ pub struct FriendOpts {
     pub omemo: Omemo,
     /// Answer every message with `echo:` + its body.
     pub echo: bool,
+    /// Run it inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
 }
 
 /// A running friend.
@@ -76,7 +78,15 @@ impl Friend {
             ));
         }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("xmpp-client/friend.py");
-        let mut child = Command::new(&py)
+        let mut cmd = match &o.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&py);
+                c
+            }
+            None => Command::new(&py),
+        };
+        let mut child = cmd
             .arg(&script)
             .args(["--jid", &o.jid, "--server", &o.server])
             .arg("--ca-file")

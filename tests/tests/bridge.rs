@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use coterie_tests::prosody::{Server, ServerOpts};
+use coterie_tests::xmpp_client::{Friend, FriendOpts, Omemo};
 use coterie_tests::{NodeProc, wait_for};
 use serde_json::Value;
 
@@ -600,7 +601,7 @@ fn the_bridge_reaches_the_server_only_through_a_tor_exit() {
         .exit_ports(&[5222])
         .start();
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut opts = ServerOpts::new(DOMAIN, &[("me", "over tor")]);
+    let mut opts = ServerOpts::new(DOMAIN, &[("me", "over tor"), ("dino", "friend password")]);
     opts.netns = Some(router_ns.clone());
     // The exit's policy summary names this port (see `exit_ports`).
     opts.port = 5222;
@@ -639,6 +640,65 @@ fn the_bridge_reaches_the_server_only_through_a_tor_exit() {
     let st = n.status();
     assert_eq!(st["bridge"]["route"], "tor", "{st}");
     assert!(server.log().contains("Authenticated as me@example.test"));
+
+    // A friend on the server's side (the Python reference client, in the
+    // namespace that holds the server): the chat goes both ways, OMEMO
+    // end to end, with the node's traffic only through the exit.
+    let out = n.cli(&["add", &format!("xmpp:dino@{DOMAIN}")]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let mut f = Friend::start(&FriendOpts {
+        jid: format!("dino@{DOMAIN}"),
+        password: "friend password".into(),
+        server: server.addr(),
+        ca_file: server.ca_file(),
+        data: tmp.path().join("dino-omemo"),
+        omemo: Omemo::Both,
+        echo: false,
+        netns: Some(router_ns.clone()),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let me = format!("me@{DOMAIN}");
+    n.send("dino", "hello dino, through a tor exit");
+    let got = f
+        .wait_message(
+            &me,
+            "hello dino, through a tor exit",
+            Duration::from_secs(90),
+        )
+        .unwrap_or_else(|e| panic!("{e}; node log: {}", n.log_text()));
+    assert_eq!(got["encrypted"], true, "{got}");
+    f.send(&me, "hello coterie, back through the exit")
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for("the node reads dino", Duration::from_secs(90), || {
+        (arrived(&n, "dino", "hello coterie, back through the exit") == 1).then_some(())
+    });
+    // The server saw the account only from the exit relay's side: every
+    // client address it logged is loopback (the exit and the friend share
+    // its namespace), never the node's LAN address.
+    let log = server.log();
+    let node_ip = lan.hosts[0].ip.to_string();
+    assert!(
+        !log.contains(&node_ip),
+        "the server saw the node's address {node_ip}"
+    );
+    // Prosody logs each accepted connection as `New connection FD n (peer,
+    // port, local, port)`: the node's (through the exit) and the friend's,
+    // all from loopback.
+    let peers: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("New connection FD ").nth(1))
+        .collect();
+    assert!(peers.len() >= 2, "connections seen: {peers:?}");
+    for p in &peers {
+        assert!(
+            p.contains("(127.0.0.1, "),
+            "a connection not from the exit: {p}"
+        );
+    }
+    for body in ["hello dino", "back through the exit"] {
+        assert!(!log.contains(body), "the server saw {body:?}");
+    }
+    f.quit();
     n.stop();
 }
 

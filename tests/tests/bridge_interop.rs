@@ -118,6 +118,7 @@ fn friend(s: &Setup, name: &str, omemo: Omemo) -> Friend {
         data: s._tmp.path().join(format!("{name}-omemo")),
         omemo,
         echo: false,
+        netns: None,
     })
     .unwrap_or_else(|e| panic!("{e}"))
 }

@@ -903,6 +903,7 @@ fn bridge(rt: &tokio::runtime::Runtime, n: usize) {
             data: tmp.path().join(name),
             omemo: Omemo::Both,
             echo,
+            netns: None,
         })
         .unwrap_or_else(|e| panic!("{e}"))
     };
