@@ -17,7 +17,9 @@
 //! when a test panics. Needs root (CI runs as root) and the Debian packages
 //! `tor` (with `tor-gencert`) and `iproute2`.
 //!
-//! Every router is flagged Guard, HSDir (and the exit Exit) by the
+//! Every router is flagged HSDir, every router but the exit Guard (a
+//! client whose guard is the only exit cannot build an exit circuit), and
+//! the exit Exit, by the
 //! authorities' `TestingDirAuthVote*` options, and Stable by zero
 //! `AuthDirVoteStableGuarantee*` thresholds (otherwise a relay whose uptime is
 //! below the median, such as one just restarted, goes without Stable), so
@@ -113,8 +115,8 @@ impl TorNetBuilder {
     }
 
     /// Starts the network and blocks until every authority serves a valid
-    /// consensus that lists every router with the Guard, Stable and HSDir
-    /// flags (and the exit with Exit): typically 14–32 s after the tor
+    /// consensus that lists every router with the Stable and HSDir flags,
+    /// every router but the exit with Guard, and the exit with Exit: typically 14–32 s after the tor
     /// processes start, as the first consensus waits for a voting interval
     /// boundary. Panics with a clear message and the tail of the tor logs
     /// if a step fails, a tor process exits, or readiness takes over 90 s;
@@ -609,6 +611,16 @@ impl TorNet {
             .iter()
             .find(|r| r.exit)
             .expect("the network has an exit");
+        // Every router but the exit is a guard: a client whose guard was
+        // the only exit could build no exit circuit at all (arti picks the
+        // guard first, and a path never uses one relay twice).
+        let guards = self
+            .routers
+            .iter()
+            .filter(|r| !r.exit)
+            .map(|r| format!("${}", r.rsa_id))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut common = String::new();
         let _ = writeln!(
             common,
@@ -616,7 +628,8 @@ impl TorNet {
              PathsNeededToBuildCircuits 0.67\n\
              TestingDirAuthVoteExit ${}\n\
              TestingDirAuthVoteHSDir *\n\
-             TestingDirAuthVoteGuard *\n\
+             TestingDirAuthVoteGuard {}\n\
+             TestingDirAuthVoteGuardIsStrict 1\n\
              TestingMinExitFlagThreshold 0\n\
              V3AuthNIntervalsValid 2\n\
              AddressDisableIPv6 1\n\
@@ -633,7 +646,7 @@ impl TorNet {
              ServerDNSTestAddresses\n\
              ServerDNSResolvConfFile /dev/null\n\
              ServerDNSAllowBrokenConfig 1",
-            exit.rsa_id
+            exit.rsa_id, guards
         );
         for a in self.routers.iter().filter(|r| r.authority) {
             let _ = writeln!(
@@ -831,6 +844,7 @@ impl TorNet {
                 let no: Vec<&str> = READY_FLAGS
                     .iter()
                     .copied()
+                    .filter(|f| !(r.exit && *f == "Guard"))
                     .chain(exit)
                     .filter(|f| !have.contains(*f))
                     .collect();
