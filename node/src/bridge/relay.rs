@@ -502,8 +502,8 @@ pub fn message_for(friend: &BareJid, st: &OutStanza) -> Option<Message> {
         OutStanza::KeyTransport { id, omemo } => {
             crate::stream::session::encrypted_message(id, omemo, false)?
         }
-        // Never in the clear.
-        OutStanza::Chat { omemo: None, .. } => return None,
+        // Never in the clear; no groups over the bridge.
+        OutStanza::Chat { omemo: None, .. } | OutStanza::Group { .. } => return None,
         OutStanza::Receipt { id, of } => crate::stream::session::receipt_message(id, of),
     };
     m.to = Some(Jid::from(friend.clone()));

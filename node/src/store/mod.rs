@@ -9,6 +9,7 @@
 //! crash at any point leaves either the state before or the state after.
 
 pub mod crypto;
+pub mod groups;
 pub mod model;
 pub mod omemo;
 
@@ -19,6 +20,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use zeroize::Zeroizing;
 
 use crate::store::crypto::{DataKey, KdfParams, KeyError};
+pub use crate::store::groups::{GroupPostRow, GroupRow, GroupWrite};
 pub use crate::store::model::*;
 pub use crate::store::omemo::{Learned, OmemoCtx, Outbox, OwnOmemo};
 
@@ -529,6 +531,20 @@ impl Store {
         Ok(out)
     }
 
+    /// The group (hex id) an issued invite adds its redeemers to, if any.
+    pub fn invite_group(&self, invite_id: &[u8; 16]) -> Result<Option<String>, StoreError> {
+        let row = self.key.index_of("invite", invite_id);
+        let rx = self.db.begin_read().ctx("read")?;
+        let t = rx.open_table(INVITES).ctx("open invites")?;
+        let inv: Option<IssuedInvite> = match t.get(row).ctx("read invite")? {
+            Some(v) => Some(self.open_json("invites", &k64(row), v.value())?),
+            None => None,
+        };
+        Ok(inv
+            .filter(|i| &i.invite_id == invite_id)
+            .and_then(|i| i.group))
+    }
+
     /// Redeems an invite: checks it, marks it used and adds the new contact,
     /// in one transaction. `verify` gets the secret and checks the proof.
     pub fn redeem_invite(
@@ -561,7 +577,9 @@ impl Store {
                 Some(inv) if !verify(&inv.secret) => Err(RedeemError::BadProof),
                 // The same invitee again (it crashed before recording our answer): idempotent.
                 Some(inv)
-                    if inv.used && existing.is_some() && inv.redeemed_by == Some(contact.peer) =>
+                    if existing.is_some()
+                        && (inv.redeemed_by == Some(contact.peer)
+                            || inv.redeemers.contains(&contact.peer)) =>
                 {
                     existing.ok_or(RedeemError::Unknown)
                 }
@@ -569,7 +587,15 @@ impl Store {
                 Some(inv) if inv.expires <= now => Err(RedeemError::Expired),
                 Some(_) if existing.is_some() => Err(RedeemError::AlreadyContact),
                 Some(mut inv) => {
-                    inv.used = true;
+                    match inv.uses_left {
+                        Some(n) => {
+                            let left = n.saturating_sub(1);
+                            inv.uses_left = Some(left);
+                            inv.used = left == 0;
+                            inv.redeemers.push(contact.peer);
+                        }
+                        None => inv.used = true,
+                    }
                     inv.redeemed_by = Some(contact.peer);
                     let v = self.seal_json("invites", &k64(row), &inv)?;
                     inv_t.insert(row, v.as_slice()).ctx("write invite")?;
@@ -876,6 +902,15 @@ impl Store {
             for item in items {
                 st.in_h += 1;
                 let dec = decrypted.next().flatten();
+                // Group traffic is the group layer's to handle (after this
+                // transaction); it is not a message and gets no receipt.
+                let dec = match dec {
+                    Some(omemo::Decrypted::Group(frame)) => {
+                        res.group_frames.push(frame);
+                        continue;
+                    }
+                    other => other,
+                };
                 let message = match item {
                     Incoming::Encrypted {
                         id, wants_receipt, ..
@@ -1091,6 +1126,8 @@ pub struct Received {
     /// A one-time prekey was used: our bundle changed and should be
     /// announced again.
     pub bundle_changed: bool,
+    /// Group frames that came in this batch, in order.
+    pub group_frames: Vec<Vec<u8>>,
 }
 
 /// Destroys the profile in `dir`: overwrites the store file with random

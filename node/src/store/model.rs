@@ -178,6 +178,17 @@ pub enum OutStanza {
         /// The `<encrypted/>` element.
         omemo: String,
     },
+    /// A group frame (`docs/protocol.md` §7.4) for this contact, who is a
+    /// member: sent OMEMO-encrypted, without a receipt.
+    Group {
+        /// Stanza id.
+        id: String,
+        /// The frame, base64.
+        frame: String,
+        /// The `<encrypted/>` element, once encrypted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        omemo: Option<String>,
+    },
     /// A delivery receipt for one of their messages.
     Receipt {
         /// Stanza id of the receipt itself.
@@ -200,6 +211,7 @@ impl std::fmt::Debug for OutStanza {
             OutStanza::Chat { seq, .. } => write!(f, "Chat(#{seq})"),
             OutStanza::Receipt { .. } => f.write_str("Receipt"),
             OutStanza::KeyTransport { .. } => f.write_str("KeyTransport"),
+            OutStanza::Group { .. } => f.write_str("Group"),
         }
     }
 }
@@ -232,6 +244,16 @@ pub struct IssuedInvite {
     /// Who redeemed it.
     #[serde(default)]
     pub redeemed_by: Option<[u8; 32]>,
+    /// A group whose link this is (hex id): whoever redeems it is added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// For a link many may use (a meeting room's QR code): how many more
+    /// redemptions it accepts. `None`: single use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses_left: Option<u32>,
+    /// Everyone who redeemed a multi-use link (a retry is not a new use).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redeemers: Vec<[u8; 32]>,
 }
 
 impl std::fmt::Debug for IssuedInvite {

@@ -495,9 +495,12 @@ impl Store {
         ctx: &OmemoCtx,
     ) -> Result<Outbox, StoreError> {
         let items = self.outbox_after(contact, after, limit)?;
-        let needs = items
-            .iter()
-            .any(|(_, s)| matches!(s, OutStanza::Chat { omemo: None, .. }));
+        let needs = items.iter().any(|(_, s)| {
+            matches!(
+                s,
+                OutStanza::Chat { omemo: None, .. } | OutStanza::Group { omemo: None, .. }
+            )
+        });
         if !needs {
             return Ok(Outbox {
                 items,
@@ -526,7 +529,9 @@ impl Store {
                             waiting = true;
                             break;
                         };
-                        let Some(el) = encrypt_for(&mut p, ctx, v, &devices, Some(&body), &mut rng)
+                        let content = sce::Content::Body(body.clone());
+                        let Some(el) =
+                            encrypt_for(&mut p, ctx, v, &devices, Some(&content), &mut rng)
                         else {
                             waiting = true;
                             break;
@@ -535,6 +540,33 @@ impl Store {
                             id,
                             body,
                             seq,
+                            omemo: Some(el),
+                        };
+                        self.put_out(&mut ot, contact, n, &st)?;
+                        st
+                    }
+                    OutStanza::Group {
+                        id,
+                        frame,
+                        omemo: None,
+                    } => {
+                        let Some((v, devices)) = targets.clone() else {
+                            waiting = true;
+                            break;
+                        };
+                        let bytes = data_encoding::BASE64
+                            .decode(frame.as_bytes())
+                            .unwrap_or_default();
+                        let content = sce::Content::Group(bytes);
+                        let Some(el) =
+                            encrypt_for(&mut p, ctx, v, &devices, Some(&content), &mut rng)
+                        else {
+                            waiting = true;
+                            break;
+                        };
+                        let st = OutStanza::Group {
+                            id,
+                            frame,
                             omemo: Some(el),
                         };
                         self.put_out(&mut ot, contact, n, &st)?;
@@ -635,22 +667,26 @@ impl Store {
                         });
                     }
                     let verified = p.device(sid).is_some_and(|d| d.trust.verified());
-                    let body = match (v, o.plaintext) {
+                    let content = match (v, o.plaintext) {
                         (_, None) => {
                             out.push(None);
                             continue;
                         }
-                        (Version::V03, Some(pt)) => {
-                            String::from_utf8(pt).map_err(|_| OmemoError::Malformed("UTF-8 body"))
-                        }
-                        (Version::V2, Some(pt)) => sce::open(&pt, &ctx.peer_jid)
+                        (Version::V03, Some(pt)) => String::from_utf8(pt)
+                            .map_err(|_| OmemoError::Malformed("UTF-8 body"))
+                            .map(|b| match sce::Content::group_from_xml(&b) {
+                                Some(f) => sce::Content::Group(f),
+                                None => sce::Content::Body(b),
+                            }),
+                        (Version::V2, Some(pt)) => sce::open_content(&pt, &ctx.peer_jid)
                             .and_then(|b| b.ok_or(OmemoError::Malformed("envelope without body"))),
                     };
-                    out.push(Some(match body {
-                        Ok(body) => Decrypted::Body {
+                    out.push(Some(match content {
+                        Ok(sce::Content::Body(body)) => Decrypted::Body {
                             body,
                             unverified: !verified,
                         },
+                        Ok(sce::Content::Group(frame)) => Decrypted::Group(frame),
                         Err(e) => {
                             tracing::warn!(
                                 "an OMEMO message from a contact had a bad envelope: {e}"
@@ -717,6 +753,8 @@ pub(super) enum Decrypted {
     },
     /// A message that could not be decrypted.
     Failed(OmemoError),
+    /// A group frame (self-authenticating: its items are signed).
+    Group(Vec<u8>),
 }
 
 /// Encrypts for `devices` in version `v` (starting sessions from bundles as
@@ -727,7 +765,7 @@ fn encrypt_for(
     ctx: &OmemoCtx,
     v: Version,
     devices: &[u32],
-    body: Option<&str>,
+    body: Option<&sce::Content>,
     rng: &mut rand::rngs::OsRng,
 ) -> Option<String> {
     for &d in devices {
@@ -747,9 +785,10 @@ fn encrypt_for(
             }
         }
     }
-    let plaintext = body.map(|b| match v {
-        Version::V03 => b.as_bytes().to_vec(),
-        Version::V2 => sce::seal(b, &ctx.own_jid, rng),
+    let plaintext = body.map(|b| match (v, b) {
+        (Version::V03, sce::Content::Body(b)) => b.as_bytes().to_vec(),
+        (Version::V03, g) => String::from(&g.element()).into_bytes(),
+        (Version::V2, c) => sce::seal_content(c, &ctx.own_jid, rng),
     });
     let mut sessions: Vec<(u32, Session)> = Vec::new();
     for &d in devices {
@@ -829,7 +868,7 @@ impl<'c> Encryptor<'c> {
             self.ctx,
             v,
             &devices,
-            Some(body),
+            Some(&sce::Content::Body(body.to_string())),
             &mut rand::rngs::OsRng,
         )?;
         self.changed = true;
@@ -855,6 +894,8 @@ pub(super) fn message_of(d: Decrypted, seq: u64, id: &str, now_ms: u64) -> Messa
     let (body, unverified, undecryptable) = match d {
         Decrypted::Body { body, unverified } => (body, unverified, None),
         Decrypted::Failed(e) => (String::new(), false, Some(e.to_string())),
+        // Not a message: handled before rows are made.
+        Decrypted::Group(_) => (String::new(), false, Some("group frame".into())),
     };
     Message {
         seq,

@@ -230,6 +230,43 @@ fn history_pages_the_latest_messages_in_order() {
 }
 
 #[test]
+fn a_group_link_takes_as_many_people_as_it_says_and_names_its_group() {
+    let (_d, s) = new_store();
+    s.add_invite(&IssuedInvite {
+        invite_id: [5; 16],
+        secret: [6; 32],
+        expires: 100,
+        used: false,
+        redeemed_by: None,
+        group: Some("ab".repeat(32)),
+        uses_left: Some(2),
+        redeemers: Vec::new(),
+    })
+    .expect("add");
+    let ok = |sec: &[u8; 32]| sec == &[6; 32];
+    let first = s.redeem_invite(&[5; 16], 50, ok, contact(3)).expect("db");
+    assert!(first.is_ok(), "{first:?}");
+    // The same person again (a retry) is not a second use.
+    let again = s.redeem_invite(&[5; 16], 50, ok, contact(3)).expect("db");
+    assert!(again.is_ok(), "{again:?}");
+    assert!(!s.open_invite_secrets(50).expect("open").is_empty());
+    assert!(
+        s.redeem_invite(&[5; 16], 50, ok, contact(4))
+            .expect("db")
+            .is_ok()
+    );
+    assert_eq!(
+        s.redeem_invite(&[5; 16], 50, ok, contact(5))
+            .expect("db")
+            .err(),
+        Some(RedeemError::Used)
+    );
+    assert!(s.open_invite_secrets(50).expect("open").is_empty());
+    assert_eq!(s.invite_group(&[5; 16]).expect("db"), Some("ab".repeat(32)));
+    assert_eq!(s.invite_group(&[7; 16]).expect("db"), None);
+}
+
+#[test]
 fn invites_are_single_use_and_expire() {
     let (_d, s) = new_store();
     let inv = IssuedInvite {
@@ -238,6 +275,9 @@ fn invites_are_single_use_and_expire() {
         expires: 100,
         used: false,
         redeemed_by: None,
+        group: None,
+        uses_left: None,
+        redeemers: Vec::new(),
     };
     s.add_invite(&inv).expect("add");
     assert!(!s.open_invite_secrets(50).expect("open").is_empty());
@@ -326,6 +366,9 @@ fn nothing_identifying_is_on_disk_in_plaintext() {
         expires: 10,
         used: false,
         redeemed_by: None,
+        group: None,
+        uses_left: None,
+        redeemers: Vec::new(),
     })
     .expect("inv");
     drop(s);

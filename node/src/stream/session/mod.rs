@@ -568,11 +568,14 @@ impl Session {
                 omemo: Some(omemo),
                 ..
             }
-            | OutStanza::KeyTransport { id, omemo } => {
-                encode_encrypted(id, omemo, stanza.is_chat())
-            }
+            | OutStanza::KeyTransport { id, omemo }
+            | OutStanza::Group {
+                id,
+                omemo: Some(omemo),
+                ..
+            } => encode_encrypted(id, omemo, stanza.is_chat()),
             // Never sent in the clear: the runtime encrypts before sending.
-            OutStanza::Chat { omemo: None, .. } => None,
+            OutStanza::Chat { omemo: None, .. } | OutStanza::Group { omemo: None, .. } => None,
             OutStanza::Receipt { id, of } => write_el(&Element::from(receipt_message(id, of))),
         };
         // A stanza that cannot be encoded (only possible for data stored by
