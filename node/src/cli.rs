@@ -141,6 +141,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: BridgeCmd,
     },
+    /// Groups with no room server (needs a running node: `coterie run`).
+    Group {
+        #[command(subcommand)]
+        cmd: GroupCmd,
+    },
     /// What the node is doing.
     Status,
     /// Stop a running node.
@@ -150,6 +155,84 @@ enum Cmd {
         /// Do not ask.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCmd {
+    /// Create a group with you as its admin.
+    Create {
+        /// Its name.
+        name: String,
+    },
+    /// Your groups.
+    List,
+    /// A link (and QR code) that makes whoever uses it your contact and a
+    /// member: for a meeting room, one scan each (admins).
+    Link {
+        /// Group name or id prefix.
+        group: String,
+        /// How long it works.
+        #[arg(long, default_value = "2h")]
+        ttl: String,
+        /// How many people may use it.
+        #[arg(long, default_value_t = 50)]
+        uses: u32,
+    },
+    /// Join a group with its link (you become the inviter's contact; they
+    /// add you once their node sees you).
+    Join {
+        /// The link.
+        uri: String,
+    },
+    /// Add a contact to a group (admins).
+    Invite {
+        /// Group name or id prefix.
+        group: String,
+        /// Contact name or fingerprint prefix.
+        contact: String,
+        /// Make them an admin too.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Who is in a group.
+    Members {
+        /// Group name or id prefix.
+        group: String,
+    },
+    /// Write to a group.
+    Send {
+        /// Group name or id prefix.
+        group: String,
+        /// The text.
+        text: String,
+    },
+    /// A group's messages, oldest first.
+    History {
+        /// Group name or id prefix.
+        group: String,
+        /// How many of the latest.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Leave a group.
+    Leave {
+        /// Group name or id prefix.
+        group: String,
+    },
+    /// Remove a member (admins): they get nothing written after this.
+    Remove {
+        /// Group name or id prefix.
+        group: String,
+        /// Contact name, or member key prefix (see `members`).
+        member: String,
+    },
+    /// Rename a group (admins).
+    Rename {
+        /// Group name or id prefix.
+        group: String,
+        /// The new name.
+        name: String,
     },
 }
 
@@ -579,6 +662,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
             Ok(())
         }
         Cmd::Bridge { cmd } => bridge(cmd, dir, out),
+        Cmd::Group { cmd } => group(cmd, dir, out),
         Cmd::Status => {
             let rt = runtime()?;
             let status: control::StatusView = via_node_or_store(&rt, dir, &Request::Status, |s| {
@@ -929,6 +1013,167 @@ fn run_node(
         }
         Ok(())
     })
+}
+
+fn via_node(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    req: &Request,
+) -> Result<serde_json::Value, Fail> {
+    if !Store::exists(dir) {
+        return Err(OpenStoreError::NoProfile(dir.to_path_buf()).into());
+    }
+    ask_node(rt, dir, req)?.ok_or_else(|| {
+        fail(
+            7,
+            "groups need the running node: start it with `coterie run` (or open the app)",
+        )
+    })
+}
+
+fn group(cmd: GroupCmd, dir: &Path, out: &Out) -> Result<(), Fail> {
+    use coterie_node::runtime::groups::{GroupPostView, GroupView, MemberView};
+    let rt = runtime()?;
+    let print_group = |v: serde_json::Value| -> Result<(), Fail> {
+        if out.json {
+            out.json(&v);
+            return Ok(());
+        }
+        let g: GroupView = from_value(v)?;
+        let role = match (g.member, g.admin) {
+            (false, _) => "you are no longer a member",
+            (true, true) => "admin",
+            (true, false) => "member",
+        };
+        println!(
+            "{} ({} members; {role}) id {}",
+            g.name,
+            g.members,
+            &g.id[..16]
+        );
+        Ok(())
+    };
+    match cmd {
+        GroupCmd::Create { name } => {
+            print_group(via_node(&rt, dir, &Request::GroupCreate { name })?)
+        }
+        GroupCmd::Invite {
+            group,
+            contact,
+            admin,
+        } => print_group(via_node(
+            &rt,
+            dir,
+            &Request::GroupInvite {
+                group,
+                contact,
+                admin,
+            },
+        )?),
+        GroupCmd::Leave { group } => {
+            print_group(via_node(&rt, dir, &Request::GroupLeave { group })?)
+        }
+        GroupCmd::Remove { group, member } => {
+            print_group(via_node(&rt, dir, &Request::GroupRemove { group, member })?)
+        }
+        GroupCmd::Rename { group, name } => {
+            print_group(via_node(&rt, dir, &Request::GroupRename { group, name })?)
+        }
+        GroupCmd::Link { group, ttl, uses } => {
+            let v = via_node(&rt, dir, &Request::GroupLink { group, ttl, uses })?;
+            if out.json {
+                out.json(&serde_json::json!({ "uri": v }));
+            } else {
+                let uri: String = from_value(v)?;
+                println!("{uri}");
+                println!(
+                    "Anyone with this link can join until it expires or is used up: share it only with the people in the room."
+                );
+            }
+            Ok(())
+        }
+        GroupCmd::Join { uri } => {
+            let v = via_node(&rt, dir, &Request::Add { uri, name: None })?;
+            if out.json {
+                out.json(&v);
+            } else {
+                let c: ops::ContactView = from_value(v)?;
+                println!(
+                    "Contacting {}; you join the group as soon as their node sees you (`coterie group list`).",
+                    c.name
+                );
+            }
+            Ok(())
+        }
+        GroupCmd::List => {
+            let v = via_node(&rt, dir, &Request::GroupList)?;
+            if out.json {
+                out.json(&v);
+                return Ok(());
+            }
+            let all: Vec<GroupView> = from_value(v)?;
+            if all.is_empty() {
+                println!("No groups yet: `coterie group create NAME`.");
+            }
+            for g in all {
+                println!("{}  {} ({} members)", &g.id[..16], g.name, g.members);
+            }
+            Ok(())
+        }
+        GroupCmd::Members { group } => {
+            let v = via_node(&rt, dir, &Request::GroupMembers { group })?;
+            if out.json {
+                out.json(&v);
+                return Ok(());
+            }
+            let all: Vec<MemberView> = from_value(v)?;
+            for m in all {
+                let mut notes = Vec::new();
+                if m.admin {
+                    notes.push("admin");
+                }
+                if !m.me && !m.contact {
+                    notes.push("not a contact: reached through other members");
+                }
+                if m.online {
+                    notes.push("connected");
+                }
+                println!("{}  {}  {}", m.key, m.name, notes.join(", "));
+            }
+            Ok(())
+        }
+        GroupCmd::Send { group, text } => {
+            let v = via_node(&rt, dir, &Request::GroupSend { group, text })?;
+            if out.json {
+                out.json(&v);
+            } else {
+                println!(
+                    "Sent to the group's connected members; the others get it when they meet one of you."
+                );
+            }
+            Ok(())
+        }
+        GroupCmd::History { group, limit } => {
+            let v = via_node(&rt, dir, &Request::GroupHistory { group, limit })?;
+            if out.json {
+                out.json(&v);
+                return Ok(());
+            }
+            let all: Vec<GroupPostView> = from_value(v)?;
+            for p in all {
+                if p.withdrawn {
+                    println!(
+                        "[{}] {}: (withdrawn: written after they left)",
+                        fmt_time(p.at_ms),
+                        p.from
+                    );
+                } else {
+                    println!("[{}] {}: {}", fmt_time(p.at_ms), p.from, p.body);
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 fn bridge_password() -> Result<String, Fail> {

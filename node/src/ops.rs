@@ -190,6 +190,22 @@ pub fn id(store: &Store) -> Result<IdView, OpError> {
 
 /// `coterie invite`: issues and records a single-use invite.
 pub fn invite(store: &Store, ttl: &str, addrs: &[PeerAddr], now: u64) -> Result<String, OpError> {
+    invite_for(store, ttl, addrs, now, None, None)
+}
+
+/// An invite that also adds whoever redeems it to `group` (hex id), usable
+/// `uses` times (a meeting room's QR code) or once.
+pub fn invite_for(
+    store: &Store,
+    ttl: &str,
+    addrs: &[PeerAddr],
+    now: u64,
+    group: Option<String>,
+    uses: Option<u32>,
+) -> Result<String, OpError> {
+    if uses.is_some_and(|u| u == 0 || u > 500) {
+        return Err(OpError::Usage("--uses must be 1 to 500".into()));
+    }
     let secs = parse_ttl(ttl).ok_or_else(|| {
         OpError::Usage(format!(
             "invalid --ttl `{ttl}`: use a number followed by s, m, h, d or w (for example 7d)"
@@ -208,6 +224,9 @@ pub fn invite(store: &Store, ttl: &str, addrs: &[PeerAddr], now: u64) -> Result<
         expires: now + secs,
         used: false,
         redeemed_by: None,
+        group,
+        uses_left: uses,
+        redeemers: Vec::new(),
     };
     store.add_invite(&inv)?;
     Ok(Invite::issue(

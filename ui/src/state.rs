@@ -418,6 +418,8 @@ pub fn reduce(mut s: State, a: Action) -> State {
                     }
                 }
             }
+            // Groups are not in the app yet.
+            NodeEvent::GroupPosts { .. } => {}
         },
         Action::ShowPane(p) => {
             s.pane = p;

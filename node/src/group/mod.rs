@@ -361,6 +361,9 @@ struct StoredPost {
 #[derive(Debug, Default, Clone)]
 struct PeerView {
     online: bool,
+    /// How far they are known to hold each author (their summary, what
+    /// they sent us, what we sent them).
+    known: BTreeMap<PeerId, u64>,
     /// How far they said (summary) or signed (seen) they hold.
     claims: BTreeMap<PeerId, u64>,
     last_summary_ms: Option<u64>,
@@ -534,11 +537,23 @@ impl Group {
         step
     }
 
+    /// A peer is known to be connected (its summary exchange happened
+    /// elsewhere, e.g. before this group was loaded): new posts go to it.
+    pub fn mark_online(&mut self, peer: PeerId) {
+        self.peers.entry(peer).or_default().online = true;
+    }
+
+    /// The signed post `seq` of `author`, if held.
+    pub fn signed_post(&self, author: &PeerId, seq: u64) -> Option<&Signed> {
+        self.posts.get(&(*author, seq)).map(|p| &p.signed)
+    }
+
     /// A peer is gone.
     pub fn disconnected(&mut self, peer: PeerId) {
         if let Some(v) = self.peers.get_mut(&peer) {
             // What was in flight may be lost: the next summary says.
             v.online = false;
+            v.known.clear();
         }
     }
 
@@ -591,6 +606,7 @@ impl Group {
             if self.state().owed(&peer, &self.me, seq) {
                 step.out
                     .push(self.frame_to(peer, Vec::new(), vec![signed.clone()]));
+                self.knows(peer, self.me, seq);
             }
         }
         Ok((signed, step))
@@ -673,9 +689,19 @@ impl Group {
     ) {
         let after = self.state().clone();
         let mut to: BTreeSet<PeerId> = self.online_members().into_iter().collect();
+        // The added member gets the chain and the removed one the news:
+        // from the change's author connected or not (the driver queues
+        // frames durably), from the others when connected.
+        let mine = from.is_none();
+        let online = |p: &PeerId| self.peers.get(p).is_some_and(|v| v.online);
         for gone in before.members.keys() {
-            if !after.members.contains_key(gone) && self.peers.get(gone).is_some_and(|v| v.online) {
+            if !after.members.contains_key(gone) && (mine || online(gone)) {
                 to.insert(*gone);
+            }
+        }
+        for new in after.members.keys() {
+            if !before.members.contains_key(new) && (mine || online(new)) {
+                to.insert(*new);
             }
         }
         to.remove(&self.me);
@@ -731,11 +757,13 @@ impl Group {
             return step;
         }
         let mut gap = false;
+        let shown_before = step.events.len();
         for s in frame.posts {
             match Post::open(&s) {
                 Ok(post) if post.group == self.id => {
                     let seq = post.seq;
                     let author = post.author;
+                    self.knows(from, author, seq);
                     self.accept_post(from, post, s, &mut step);
                     if seq > self.contiguous.get(&author).copied().unwrap_or(0) + 1 {
                         gap = true;
@@ -752,6 +780,38 @@ impl Group {
         }
         if frame.answered {
             self.check_withheld(from, &mut step);
+        }
+        // New posts: nudge connected members not known to hold them (a
+        // summary; they ask back for what they lack). Members that are not
+        // the author's contacts get posts this way within seconds.
+        let fresh: Vec<(PeerId, u64)> = step.events[shown_before..]
+            .iter()
+            .filter_map(|e| match e {
+                Event::Post { author, seq, .. } => Some((*author, *seq)),
+                _ => None,
+            })
+            .collect();
+        if !fresh.is_empty() {
+            let state = self.state().clone();
+            for peer in self.online_members() {
+                if peer == from {
+                    continue;
+                }
+                let lacks = fresh.iter().any(|(a, s)| {
+                    *a != peer
+                        && state.owed(&peer, a, *s)
+                        && self
+                            .peers
+                            .get(&peer)
+                            .and_then(|v| v.known.get(a))
+                            .copied()
+                            .unwrap_or(0)
+                            < *s
+                });
+                if lacks {
+                    self.maybe_summary(peer, now_ms, &mut step);
+                }
+            }
         }
         if gap || self.behind_claims(&from) {
             self.maybe_summary(from, now_ms, &mut step);
@@ -842,6 +902,18 @@ impl Group {
         }
     }
 
+    /// Records that `peer` holds post `seq` of `author`.
+    fn knows(&mut self, peer: PeerId, author: PeerId, seq: u64) {
+        let k = self
+            .peers
+            .entry(peer)
+            .or_default()
+            .known
+            .entry(author)
+            .or_insert(0);
+        *k = (*k).max(seq);
+    }
+
     /// Whether `peer` said or signed it holds posts we lack.
     fn behind_claims(&self, peer: &PeerId) -> bool {
         self.peers.get(peer).is_some_and(|v| {
@@ -869,6 +941,7 @@ impl Group {
         let theirs: BTreeMap<PeerId, u64> = theirs.into_iter().collect();
         {
             let view = self.peers.entry(from).or_default();
+            view.known = theirs.clone();
             for (a, s) in &theirs {
                 let c = view.claims.entry(*a).or_insert(0);
                 *c = (*c).max(*s);
@@ -897,6 +970,7 @@ impl Group {
         // post's author saw.
         let state = self.state();
         let mut posts = Vec::new();
+        let mut sent = Vec::new();
         let authors: BTreeSet<PeerId> = self.posts.keys().map(|(a, _)| *a).collect();
         let lacking = authors.into_iter().filter(|a| *a != from).flat_map(|a| {
             let after = theirs.get(&a).copied().unwrap_or(0);
@@ -910,6 +984,7 @@ impl Group {
                 .is_some_and(|m| m.gone.contains_key(&from));
             if state.owed(&from, author, *seq) && !author_knew_gone {
                 posts.push(p.signed.clone());
+                sent.push((*author, *seq));
             }
         }
         // They hold something we lack (or a membership we do not know):
@@ -920,6 +995,13 @@ impl Group {
         let summary = behind.then(|| self.summary());
         if behind {
             self.peers.entry(from).or_default().last_summary_ms = Some(now_ms);
+        }
+        if ops.is_empty() && posts.is_empty() && summary.is_none() {
+            // Nothing they lack, nothing we lack: no answer.
+            return;
+        }
+        for (a, s) in sent {
+            self.knows(from, a, s);
         }
         step.out.extend(self.pack(from, ops, posts, summary, true));
     }

@@ -248,6 +248,10 @@ async fn redeem_inbound(
     match res {
         Ok(c) => {
             tracing::info!(peer = %peer.short(), "invite redeemed: new contact");
+            // A group's link: the new contact joins the group too.
+            if let Ok(Some(group)) = store_op(shared, move |s| s.invite_group(&invite_id)).await {
+                super::groups::redeemed(shared, &group, peer).await;
+            }
             Ok(c.id)
         }
         Err(e) => Err(format!("invite redemption refused: {e}")),
@@ -692,6 +696,7 @@ async fn run_session(
     )
     .await;
     unregister(&shared, contact, conn_id);
+    super::groups::disconnected(&shared, contact).await;
     match &result {
         Ok(()) => tracing::debug!(peer = %peer.short(), "session ended"),
         Err(e) => tracing::info!(peer = %peer.short(), "session ended: {e}"),
@@ -956,6 +961,7 @@ async fn handle_event(
             tracing::info!("session resumed");
             session.send_candidates(&shared.reachable_at());
             announce(shared, session).await?;
+            super::groups::connected(shared, contact).await;
             send_outbox(shared, session, contact, flow).await?;
         }
         Event::Stanzas(items) => store_batch(shared, session, contact, flow, None, items).await?,
@@ -1052,6 +1058,9 @@ async fn store_batch(
     }
     if res.bundle_changed {
         announce(shared, session).await?;
+    }
+    if !res.group_frames.is_empty() {
+        super::groups::frames(shared, contact, res.group_frames).await;
     }
     if res.queued_stanzas || ack.is_some() {
         send_outbox(shared, session, contact, flow).await?;

@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use super::{Shared, db};
+use super::{Shared, db, groups};
 use crate::ops::{self, ContactView, MessageView, OpError};
 
 /// File name of the control socket inside the profile directory.
@@ -80,6 +80,69 @@ pub enum Request {
     },
     /// Remove the bridge's account and log out.
     BridgeOff,
+    /// Create a group.
+    GroupCreate {
+        /// Its name.
+        name: String,
+    },
+    /// Every group.
+    GroupList,
+    /// A link that makes its users contacts and members (admins).
+    GroupLink {
+        /// Group name or id prefix.
+        group: String,
+        /// Lifetime, e.g. `2h`.
+        ttl: String,
+        /// How many people may use it.
+        uses: u32,
+    },
+    /// Add a contact to a group (admins).
+    GroupInvite {
+        /// Group name or id prefix.
+        group: String,
+        /// Contact name or fingerprint prefix.
+        contact: String,
+        /// As an admin.
+        admin: bool,
+    },
+    /// A group's members.
+    GroupMembers {
+        /// Group name or id prefix.
+        group: String,
+    },
+    /// Post to a group.
+    GroupSend {
+        /// Group name or id prefix.
+        group: String,
+        /// Text.
+        text: String,
+    },
+    /// A group's history.
+    GroupHistory {
+        /// Group name or id prefix.
+        group: String,
+        /// Most recent N.
+        limit: usize,
+    },
+    /// Leave a group.
+    GroupLeave {
+        /// Group name or id prefix.
+        group: String,
+    },
+    /// Remove a member (admins).
+    GroupRemove {
+        /// Group name or id prefix.
+        group: String,
+        /// Contact name, or member key prefix.
+        member: String,
+    },
+    /// Rename a group (admins).
+    GroupRename {
+        /// Group name or id prefix.
+        group: String,
+        /// New name.
+        name: String,
+    },
     /// What the bridge is doing.
     BridgeStatus,
     /// Node status.
@@ -285,6 +348,28 @@ async fn dispatch(shared: &Arc<Shared>, req: Request, stop: &watch::Sender<bool>
             Request::BridgeSet { account } => json(bridge_set(shared, account).await?),
             Request::BridgeOff => json(bridge_off(shared).await?),
             Request::BridgeStatus => json(shared.bridge_status()),
+            Request::GroupCreate { name } => json(groups::create(shared, &name).await?),
+            Request::GroupList => json(groups::list(shared).await?),
+            Request::GroupLink { group, ttl, uses } => {
+                json(groups::link(shared, &group, &ttl, uses).await?)
+            }
+            Request::GroupInvite {
+                group,
+                contact,
+                admin,
+            } => json(groups::add(shared, &group, &contact, admin).await?),
+            Request::GroupMembers { group } => json(groups::members(shared, &group).await?),
+            Request::GroupSend { group, text } => json(groups::send(shared, &group, &text).await?),
+            Request::GroupHistory { group, limit } => {
+                json(groups::history(shared, &group, limit).await?)
+            }
+            Request::GroupLeave { group } => json(groups::leave(shared, &group).await?),
+            Request::GroupRemove { group, member } => {
+                json(groups::remove(shared, &group, &member).await?)
+            }
+            Request::GroupRename { group, name } => {
+                json(groups::rename(shared, &group, &name).await?)
+            }
             Request::Status => json(status(shared)),
             Request::Stop => {
                 let _ = stop.send(true);

@@ -14,6 +14,7 @@
 pub mod compat;
 mod conn;
 pub mod control;
+pub mod groups;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -146,6 +147,11 @@ pub enum NodeEvent {
         /// Whether it is up now.
         up: bool,
     },
+    /// A group got new posts, or is new.
+    GroupPosts {
+        /// The group's local row.
+        group: u64,
+    },
 }
 
 /// Counters a test or an operator can read through `status`.
@@ -204,6 +210,8 @@ pub(crate) struct Shared {
     pub(crate) jitter: crate::settings::Jitter,
     /// The bridge to an ordinary XMPP account, when one is set.
     pub(crate) bridge: Mutex<Option<crate::bridge::session::Bridge>>,
+    /// Groups (loaded on first use).
+    pub(crate) groups: groups::Groups,
 }
 
 #[derive(Debug)]
@@ -494,6 +502,7 @@ impl Node {
             padding: profile.settings.padding,
             jitter: profile.settings.jitter,
             bridge: Mutex::new(None),
+            groups: groups::Groups::default(),
         });
         shared.refresh_policy().await;
         if let Some(d) = &shared.cfg.discovery {
@@ -591,6 +600,7 @@ impl Node {
         tasks.spawn(conn::accept_loop(shared.clone(), acc_rx));
         tasks.spawn(conn::dial_manager(shared.clone()));
         tasks.spawn(retention_loop(shared.clone()));
+        tasks.spawn(group_loop(shared.clone()));
         if let Some(acct) = profile.bridge.clone() {
             shared.restart_bridge(Some(acct)).await;
         }
@@ -744,6 +754,17 @@ impl Shared {
             .as_ref()
             .map(|b| b.status())
             .unwrap_or_else(|| crate::bridge::BridgeStatus::offline(None))
+    }
+}
+
+/// Periodic group summaries to connected members.
+async fn group_loop(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(groups::TICK) => groups::tick(&shared).await,
+            _ = shutdown.changed() => return,
+        }
     }
 }
 
