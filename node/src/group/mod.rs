@@ -51,6 +51,10 @@ pub const MAX_AHEAD: u64 = 1024;
 const MAX_WAITING: usize = 1024;
 /// An unsolicited summary to the same peer at most this often.
 const SUMMARY_EVERY_MS: u64 = 5_000;
+/// New posts accepted from one author at once, then…
+pub const FLOOD_BURST: f64 = 500.0;
+/// …this many a second.
+pub const FLOOD_PER_SEC: f64 = 5.0;
 /// A summary to every connected member at least this often.
 const RESYNC_EVERY_MS: u64 = 60_000;
 
@@ -274,6 +278,12 @@ pub enum Alert {
         /// The first one missing.
         seq: u64,
     },
+    /// A member sent their own posts faster than anyone writes; the
+    /// excess was refused.
+    Flood {
+        /// The author.
+        author: PeerId,
+    },
     /// A signed membership change that its parent does not allow.
     BadChange {
         /// The peer that sent it.
@@ -294,6 +304,9 @@ impl Alert {
                 "an author signed two different posts with one number".into()
             }
             Alert::Withheld { .. } => "a member withheld posts it had signed it held".into(),
+            Alert::Flood { .. } => {
+                "a member wrote faster than allowed; the excess was refused".into()
+            }
             Alert::BadChange { why, .. } => format!("a membership change was refused ({why})"),
         }
     }
@@ -358,6 +371,13 @@ struct StoredPost {
     delivered: bool,
 }
 
+#[derive(Debug, Clone)]
+struct Bucket {
+    tokens: f64,
+    at_ms: u64,
+    reported_ms: Option<u64>,
+}
+
 #[derive(Debug, Default, Clone)]
 struct PeerView {
     online: bool,
@@ -386,6 +406,8 @@ pub struct Group {
     /// Own changes, to re-issue if they lose a race.
     intents: Vec<(Hash, Change)>,
     posts: BTreeMap<(PeerId, u64), StoredPost>,
+    /// New posts each author may still send now.
+    flood: BTreeMap<PeerId, Bucket>,
     contiguous: BTreeMap<PeerId, u64>,
     waiting: VecDeque<(PeerId, Post, Signed)>,
     peers: BTreeMap<PeerId, PeerView>,
@@ -450,6 +472,7 @@ impl Group {
             waiting: VecDeque::new(),
             peers: BTreeMap::new(),
             last_resync_ms: 0,
+            flood: BTreeMap::new(),
         };
         group.ops.insert(id, (g, gs));
         group.states.insert(id, state);
@@ -467,7 +490,7 @@ impl Group {
         for s in posts {
             let post = Post::open(&s)?;
             if post.group == id {
-                group.accept_post(me, post, s, &mut step);
+                group.accept_post(me, post, s, 0, &mut step);
             }
         }
         // Stored posts were shown before.
@@ -601,7 +624,7 @@ impl Group {
         );
         let post = Post::open(&signed).map_err(|_| ActionError::Body)?;
         let mut step = Step::default();
-        self.accept_post(self.me, post, signed.clone(), &mut step);
+        self.accept_post(self.me, post, signed.clone(), now_ms, &mut step);
         for peer in self.online_members() {
             if self.state().owed(&peer, &self.me, seq) {
                 step.out
@@ -750,7 +773,7 @@ impl Group {
         if !fresh.is_empty() {
             self.choose_chain(now_ms, &mut step);
             self.spread_ops(&before, fresh, Some(from), &mut step);
-            self.retry_waiting(&mut step);
+            self.retry_waiting(now_ms, &mut step);
         }
         let sender_is_member = self.state().members.contains_key(&from);
         if !sender_is_member {
@@ -764,7 +787,7 @@ impl Group {
                     let seq = post.seq;
                     let author = post.author;
                     self.knows(from, author, seq);
-                    self.accept_post(from, post, s, &mut step);
+                    self.accept_post(from, post, s, now_ms, &mut step);
                     if seq > self.contiguous.get(&author).copied().unwrap_or(0) + 1 {
                         gap = true;
                     }
@@ -1207,7 +1230,7 @@ impl Group {
     }
 
     /// Checks a verified post against the logs and keeps it.
-    fn accept_post(&mut self, from: PeerId, post: Post, s: Signed, step: &mut Step) {
+    fn accept_post(&mut self, from: PeerId, post: Post, s: Signed, now_ms: u64, step: &mut Step) {
         let author = post.author;
         let seq = post.seq;
         // Its membership must be known: hold it until the ops arrive.
@@ -1261,6 +1284,11 @@ impl Group {
                 .push(Event::Alert(Alert::Equivocation { author }));
             return;
         }
+        // A member who writes faster than anyone types is refused beyond a
+        // burst (what is refused comes again with the next sync, slowly).
+        if author != self.me && from != self.me && !self.flood_allows(author, now_ms, step) {
+            return;
+        }
         // What the author signed it had read, when it comes from the author
         // itself (before any answer it sends next): a claim it must honour.
         if author != self.me && from == author {
@@ -1281,7 +1309,31 @@ impl Group {
         self.advance(author, step);
     }
 
-    fn retry_waiting(&mut self, step: &mut Step) {
+    /// One token per new post of `author`: `FLOOD_BURST`, refilled at
+    /// `FLOOD_PER_SEC`. Reports a flood once a minute per author.
+    fn flood_allows(&mut self, author: PeerId, now_ms: u64, step: &mut Step) -> bool {
+        let b = self.flood.entry(author).or_insert(Bucket {
+            tokens: FLOOD_BURST,
+            at_ms: now_ms,
+            reported_ms: None,
+        });
+        let dt = now_ms.saturating_sub(b.at_ms) as f64 / 1000.0;
+        b.tokens = (b.tokens + dt * FLOOD_PER_SEC).min(FLOOD_BURST);
+        b.at_ms = now_ms;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            return true;
+        }
+        if b.reported_ms
+            .is_none_or(|t| now_ms.saturating_sub(t) >= 60_000)
+        {
+            b.reported_ms = Some(now_ms);
+            step.events.push(Event::Alert(Alert::Flood { author }));
+        }
+        false
+    }
+
+    fn retry_waiting(&mut self, now_ms: u64, step: &mut Step) {
         let ready: Vec<(PeerId, Post, Signed)> = {
             let (r, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
                 .into_iter()
@@ -1292,7 +1344,7 @@ impl Group {
             r
         };
         for (from, p, s) in ready {
-            self.accept_post(from, p, s, step);
+            self.accept_post(from, p, s, now_ms, step);
         }
     }
 }

@@ -180,6 +180,40 @@ fn a_post_over_the_size_limit_and_a_frame_over_the_frame_limit_are_refused() {
 }
 
 #[test]
+fn a_member_who_floods_is_refused_beyond_a_burst_and_others_are_unaffected() {
+    let mut g = group_of(3);
+    let id = *g[0].id();
+    let (a, c) = (key(0).peer_id(), key(2).peer_id());
+    // 2,000 valid posts, signed by member a, arrive at once.
+    let flood: Vec<Signed> = (1..=2000)
+        .map(|i| {
+            g[0].post(format!("spam {i}").as_bytes(), 1)
+                .expect("post")
+                .0
+        })
+        .collect();
+    let mut shown = 0;
+    let mut floods = 0;
+    for chunk in flood.chunks(100) {
+        let step = g[1].handle(a, frame_with(id, chunk.to_vec()), 1_000);
+        shown += posts_of(&step).len();
+        floods += alerts_of(&step)
+            .iter()
+            .filter(|x| matches!(x, Alert::Flood { author } if *author == a))
+            .count();
+    }
+    assert_eq!(shown, super::FLOOD_BURST as usize, "a burst, then refused");
+    assert_eq!(floods, 1, "reported once");
+    // Another member is unaffected.
+    let (other, _) = g[2].post(b"meanwhile, a real message", 1).expect("post");
+    let step = g[1].handle(c, frame_with(id, vec![other]), 1_000);
+    assert_eq!(posts_of(&step).len(), 1);
+    // A minute later, more of the flood gets in, slowly.
+    let step = g[1].handle(a, frame_with(id, flood[500..1000].to_vec()), 61_000);
+    assert_eq!(posts_of(&step).len(), 300);
+}
+
+#[test]
 fn membership_changes_that_arrive_out_of_order_or_twice_converge() {
     let mut g0 = Group::create(key(0), "collective", 1).expect("create");
     let mut sent = Vec::new();
