@@ -50,7 +50,7 @@ pub const MAX_AHEAD: u64 = 1024;
 /// Posts held while their membership head is unknown.
 const MAX_WAITING: usize = 1024;
 /// An unsolicited summary to the same peer at most this often.
-const SUMMARY_EVERY_MS: u64 = 5_000;
+const SUMMARY_EVERY_MS: u64 = 1_000;
 /// New posts accepted from one author at once, then…
 pub const FLOOD_BURST: f64 = 500.0;
 /// …this many a second.
@@ -387,6 +387,8 @@ struct PeerView {
     /// How far they said (summary) or signed (seen) they hold.
     claims: BTreeMap<PeerId, u64>,
     last_summary_ms: Option<u64>,
+    /// A summary was held back by the rate limit: send it at a tick.
+    summary_due: bool,
 }
 
 /// One group, as one member holds it.
@@ -408,6 +410,9 @@ pub struct Group {
     posts: BTreeMap<(PeerId, u64), StoredPost>,
     /// New posts each author may still send now.
     flood: BTreeMap<PeerId, Bucket>,
+    /// (member, author): we relayed the author's posts to the member, who
+    /// lacked them; their next ones are pushed as they arrive.
+    relay_for: BTreeSet<(PeerId, PeerId)>,
     contiguous: BTreeMap<PeerId, u64>,
     waiting: VecDeque<(PeerId, Post, Signed)>,
     peers: BTreeMap<PeerId, PeerView>,
@@ -473,6 +478,7 @@ impl Group {
             peers: BTreeMap::new(),
             last_resync_ms: 0,
             flood: BTreeMap::new(),
+            relay_for: BTreeSet::new(),
         };
         group.ops.insert(id, (g, gs));
         group.states.insert(id, state);
@@ -577,15 +583,25 @@ impl Group {
             // What was in flight may be lost: the next summary says.
             v.online = false;
             v.known.clear();
+            self.relay_for.retain(|(to, _)| *to != peer);
         }
     }
 
-    /// Periodic work: a summary to every connected member now and then.
+    /// Periodic work (call about once a second): summaries held back by
+    /// the rate limit, and one to every connected member now and then.
     pub fn tick(&mut self, now_ms: u64) -> Step {
         let mut step = Step::default();
-        if now_ms.saturating_sub(self.last_resync_ms) >= RESYNC_EVERY_MS {
+        let resync = now_ms.saturating_sub(self.last_resync_ms) >= RESYNC_EVERY_MS;
+        if resync {
             self.last_resync_ms = now_ms;
-            for p in self.online_members() {
+        }
+        for p in self.online_members() {
+            let due = self.peers.get(&p).is_some_and(|v| {
+                v.summary_due
+                    && v.last_summary_ms
+                        .is_none_or(|t| now_ms.saturating_sub(t) >= SUMMARY_EVERY_MS)
+            });
+            if resync || due {
                 self.send_summary(p, now_ms, &mut step);
             }
         }
@@ -820,16 +836,29 @@ impl Group {
                 if peer == from {
                     continue;
                 }
+                // Members we had to relay an author's posts to (they are
+                // not connected to the author) get the new ones at once.
+                let push: Vec<Signed> = fresh
+                    .iter()
+                    .filter(|(a, s)| {
+                        *a != peer
+                            && self.relay_for.contains(&(peer, *a))
+                            && state.owed(&peer, a, *s)
+                            && self.known_by(&peer, a) < *s
+                    })
+                    .filter_map(|(a, s)| self.posts.get(&(*a, *s)).map(|p| p.signed.clone()))
+                    .collect();
+                if !push.is_empty() {
+                    for (a, s) in &fresh {
+                        if self.relay_for.contains(&(peer, *a)) {
+                            self.knows(peer, *a, *s);
+                        }
+                    }
+                    step.out
+                        .extend(self.pack(peer, Vec::new(), push, None, false));
+                }
                 let lacks = fresh.iter().any(|(a, s)| {
-                    *a != peer
-                        && state.owed(&peer, a, *s)
-                        && self
-                            .peers
-                            .get(&peer)
-                            .and_then(|v| v.known.get(a))
-                            .copied()
-                            .unwrap_or(0)
-                            < *s
+                    *a != peer && state.owed(&peer, a, *s) && self.known_by(&peer, a) < *s
                 });
                 if lacks {
                     self.maybe_summary(peer, now_ms, &mut step);
@@ -915,14 +944,29 @@ impl Group {
         let mut out = self.frame_to(peer, Vec::new(), Vec::new());
         out.frame.summary = Some(self.summary());
         step.out.push(out);
-        self.peers.entry(peer).or_default().last_summary_ms = Some(now_ms);
+        let v = self.peers.entry(peer).or_default();
+        v.last_summary_ms = Some(now_ms);
+        v.summary_due = false;
     }
 
+    /// A summary now, or at the next tick after the rate limit if one went
+    /// out less than `SUMMARY_EVERY_MS` ago.
     fn maybe_summary(&mut self, peer: PeerId, now_ms: u64, step: &mut Step) {
         let last = self.peers.get(&peer).and_then(|v| v.last_summary_ms);
         if last.is_none_or(|t| now_ms.saturating_sub(t) >= SUMMARY_EVERY_MS) {
             self.send_summary(peer, now_ms, step);
+        } else {
+            self.peers.entry(peer).or_default().summary_due = true;
         }
+    }
+
+    /// How far `peer` is known to hold `author`'s posts.
+    fn known_by(&self, peer: &PeerId, author: &PeerId) -> u64 {
+        self.peers
+            .get(peer)
+            .and_then(|v| v.known.get(author))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Records that `peer` holds post `seq` of `author`.
@@ -1025,6 +1069,11 @@ impl Group {
         }
         for (a, s) in sent {
             self.knows(from, a, s);
+            // They lacked it: they are not connected to its author (or
+            // were not): relay that author's next posts to them at once.
+            if a != self.me && self.relay_for.len() < MAX_MEMBERS * MAX_MEMBERS {
+                self.relay_for.insert((from, a));
+            }
         }
         step.out.extend(self.pack(from, ops, posts, summary, true));
     }

@@ -213,6 +213,60 @@ fn a_member_who_floods_is_refused_beyond_a_burst_and_others_are_unaffected() {
     assert_eq!(posts_of(&step).len(), 300);
 }
 
+/// Delivers frames until none is left; returns how many were delivered.
+fn run(g: &mut [Group], first: Vec<(usize, Out)>, now: u64) -> usize {
+    let n = g.len();
+    let idx = |p: &PeerId| (0..n).find(|i| key(*i as u8).peer_id() == *p);
+    let mut q: VecDeque<(usize, Out)> = first.into();
+    let mut frames = 0;
+    while let Some((from, o)) = q.pop_front() {
+        let Some(to) = idx(&o.to) else { continue };
+        frames += 1;
+        let step = g[to].handle(key(from as u8).peer_id(), o.frame, now);
+        q.extend(step.out.into_iter().map(|o| (to, o)));
+    }
+    frames
+}
+
+#[test]
+fn a_member_who_relays_an_author_to_someone_pushes_the_next_posts_at_once() {
+    // a – b – c: c is not connected to a.
+    let mut g = group_of(3);
+    let (a, b, c) = (key(0).peer_id(), key(1).peer_id(), key(2).peer_id());
+    g[0].connected(b, 0);
+    g[1].connected(a, 0);
+    g[1].connected(c, 0);
+    g[2].connected(b, 0);
+    let (_, s) = g[0].post(b"first", 5_000).expect("post");
+    let first: Vec<(usize, Out)> = s.out.into_iter().map(|o| (0, o)).collect();
+    let frames = run(&mut g, first, 5_000);
+    assert_eq!(
+        g[2].heads().get(&a),
+        Some(&1),
+        "c got the first post through b"
+    );
+    assert!(
+        frames >= 4,
+        "the first post took a summary exchange ({frames} frames)"
+    );
+    // The second post: b pushes it to c at once, no summaries.
+    let (_, s) = g[0].post(b"second", 10_000).expect("post");
+    let first: Vec<(usize, Out)> = s.out.into_iter().map(|o| (0, o)).collect();
+    assert_eq!(run(&mut g, first, 10_000), 2, "a → b → c");
+    assert_eq!(g[2].heads().get(&a), Some(&2));
+    // A summary held back by the rate limit goes out at the next tick.
+    let (_, s) = g[0].post(b"third", 10_100).expect("post");
+    g[1].disconnected(c);
+    g[1].connected(c, 10_100);
+    let first: Vec<(usize, Out)> = s.out.into_iter().map(|o| (0, o)).collect();
+    run(&mut g, first, 10_200);
+    assert_eq!(g[2].heads().get(&a), Some(&2), "held back");
+    let later = g[1].tick(11_200);
+    let first: Vec<(usize, Out)> = later.out.into_iter().map(|o| (1, o)).collect();
+    run(&mut g, first, 11_200);
+    assert_eq!(g[2].heads().get(&a), Some(&3), "sent at the tick");
+}
+
 #[test]
 fn membership_changes_that_arrive_out_of_order_or_twice_converge() {
     let mut g0 = Group::create(key(0), "collective", 1).expect("create");
