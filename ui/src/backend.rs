@@ -69,6 +69,28 @@ pub enum Command {
     },
     /// Make an invite.
     Invite,
+    /// Reload the group list.
+    Groups,
+    /// Open a group chat (or reload the open one).
+    OpenGroup {
+        /// Group id (hex).
+        id: String,
+        /// A reload, not the user opening it.
+        refresh: bool,
+    },
+    /// Create a group.
+    CreateGroup(String),
+    /// Write to a group.
+    SendGroup {
+        /// Group id (hex).
+        id: String,
+        /// The text.
+        text: String,
+    },
+    /// Make a group link (admins).
+    GroupLink(String),
+    /// Leave a group.
+    LeaveGroup(String),
     /// Add a contact from an invite link.
     Add {
         /// The link.
@@ -242,9 +264,13 @@ async fn run(cfg: BackendConfig, mut rx: mpsc::UnboundedReceiver<Command>, out: 
             } => match ev {
                 Ok(ev) => {
                     let reload = matches!(ev, NodeEvent::Connection { .. });
+                    let group = matches!(ev, NodeEvent::GroupPosts { .. });
                     out.send(Action::Node(ev));
                     if reload && let Some(o) = &open {
                         contacts(o, &out).await;
+                    }
+                    if group && let Some(o) = &open {
+                        groups(o, &out).await;
                     }
                 }
                 // Missed events: the store is the truth, reload from it.
@@ -480,6 +506,60 @@ async fn on_node(o: &Open, cmd: Command, out: &Out) -> Result<(), String> {
             let link = o.node.invite("7d").await.map_err(op_error)?;
             out.send(Action::Invited(link));
         }
+        Command::Groups => groups(o, out).await,
+        Command::OpenGroup { id, refresh } => {
+            let posts = o
+                .node
+                .group_history(&id, crate::state::PAGE)
+                .await
+                .map_err(op_error)?;
+            let members = o.node.group_members(&id).await.map_err(op_error)?;
+            out.send(Action::GroupOpened {
+                id,
+                posts,
+                members,
+                refresh,
+            });
+        }
+        Command::CreateGroup(name) => {
+            let g = o.node.group_create(name.trim()).await.map_err(op_error)?;
+            let id = g.id.clone();
+            out.send(Action::GroupCreated(g));
+            let members = o.node.group_members(&id).await.map_err(op_error)?;
+            out.send(Action::GroupOpened {
+                id,
+                posts: Vec::new(),
+                members,
+                refresh: false,
+            });
+        }
+        Command::SendGroup { id, text } => {
+            if text.trim().is_empty() {
+                return Ok(());
+            }
+            o.node.group_send(&id, &text).await.map_err(op_error)?;
+            let posts = o
+                .node
+                .group_history(&id, crate::state::PAGE)
+                .await
+                .map_err(op_error)?;
+            let members = o.node.group_members(&id).await.map_err(op_error)?;
+            out.send(Action::GroupOpened {
+                id,
+                posts,
+                members,
+                refresh: true,
+            });
+        }
+        Command::GroupLink(id) => {
+            let uri = o.node.group_link(&id, "2h", 50).await.map_err(op_error)?;
+            out.send(Action::GroupLinked(uri));
+        }
+        Command::LeaveGroup(id) => {
+            o.node.group_leave(&id).await.map_err(op_error)?;
+            groups(o, out).await;
+            out.send(Action::Info("You left the group.".into()));
+        }
         Command::Add { link, name } => {
             let v = o
                 .node
@@ -600,6 +680,13 @@ async fn fingerprint_of(o: &Open, contact: u64) -> Result<String, String> {
         .ok_or_else(|| "That contact no longer exists.".to_string())
 }
 
+async fn groups(o: &Open, out: &Out) {
+    match o.node.groups().await {
+        Ok(list) => out.send(Action::GroupsLoaded(list)),
+        Err(e) => out.send(Action::Failed(op_error(e))),
+    }
+}
+
 async fn contacts(o: &Open, out: &Out) {
     match o.node.contacts().await {
         Ok(list) => out.send(Action::ContactsLoaded(list)),
@@ -698,6 +785,7 @@ async fn start(
                 retention,
             });
             contacts(&o, out).await;
+            groups(&o, out).await;
             *open = Some(o);
         }
         Err(e) => out.send(Action::OpenFailed(format!(

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 
 use node::ops::{ContactView, DeviceView, FingerprintsView, IdView, MessageView};
 use node::runtime::NodeEvent;
+use node::runtime::groups::{GroupPostView, GroupView, MemberView};
 use node::settings::Settings;
 
 /// Messages loaded per page of a chat.
@@ -80,6 +81,12 @@ pub enum Pane {
     AddContact,
     /// Comparing fingerprints with a contact.
     Verify(u64),
+    /// The open group chat.
+    Group,
+    /// Creating a group.
+    NewGroup,
+    /// A group's link: text and QR code.
+    GroupLink,
     /// Settings.
     Settings,
 }
@@ -202,6 +209,16 @@ pub struct State {
     pub status: Status,
     /// A message to show.
     pub notice: Option<Notice>,
+    /// Groups by id (hex).
+    pub groups: BTreeMap<String, GroupView>,
+    /// The group whose chat is open.
+    pub open_group: Option<String>,
+    /// Its latest posts, oldest first.
+    pub group_posts: Vec<GroupPostView>,
+    /// Its members.
+    pub group_members: Vec<MemberView>,
+    /// The group link last made.
+    pub group_link: Option<String>,
 }
 
 /// Something that happened.
@@ -295,6 +312,23 @@ pub enum Action {
     Info(String),
     /// The user dismissed the notice.
     Dismiss,
+    /// The group list was (re)loaded.
+    GroupsLoaded(Vec<GroupView>),
+    /// A group chat was opened (or refreshed).
+    GroupOpened {
+        /// Group id.
+        id: String,
+        /// Latest posts, oldest first.
+        posts: Vec<GroupPostView>,
+        /// Members.
+        members: Vec<MemberView>,
+        /// A reload of the open group (not the user opening one).
+        refresh: bool,
+    },
+    /// A group was created.
+    GroupCreated(GroupView),
+    /// A group link was made.
+    GroupLinked(String),
 }
 
 /// Applies an action.
@@ -364,6 +398,7 @@ pub fn reduce(mut s: State, a: Action) -> State {
         Action::ChatOpened { contact, page } => {
             s.older = page.len() >= PAGE;
             s.open = Some(contact);
+            s.open_group = None;
             s.messages = page;
             s.pane = Pane::Chat;
             if let Some(r) = s.contacts.get_mut(&contact) {
@@ -418,12 +453,40 @@ pub fn reduce(mut s: State, a: Action) -> State {
                     }
                 }
             }
-            // Groups are not in the app yet.
+            // The view reloads the groups (and the open one).
             NodeEvent::GroupPosts { .. } => {}
         },
         Action::ShowPane(p) => {
             s.pane = p;
             s.notice = None;
+        }
+        Action::GroupsLoaded(v) => {
+            s.groups = v.into_iter().map(|g| (g.id.clone(), g)).collect();
+        }
+        Action::GroupCreated(g) => {
+            s.groups.insert(g.id.clone(), g);
+        }
+        Action::GroupOpened {
+            id,
+            posts,
+            members,
+            refresh,
+        } => {
+            // A refresh of a group that is no longer open changes nothing.
+            if refresh && s.open_group.as_deref() != Some(id.as_str()) {
+                return s;
+            }
+            s.open = None;
+            s.open_group = Some(id);
+            s.group_posts = posts;
+            s.group_members = members;
+            if s.pane != Pane::GroupLink {
+                s.pane = Pane::Group;
+            }
+        }
+        Action::GroupLinked(uri) => {
+            s.group_link = Some(uri);
+            s.pane = Pane::GroupLink;
         }
         Action::Invited(link) => {
             s.invite = Some(link);
@@ -895,5 +958,54 @@ mod tests {
                 .map(|(_, f)| f.devices[0].trust.as_str()),
             Some("verified")
         );
+    }
+
+    #[test]
+    fn a_group_opens_beside_chats_and_a_late_refresh_of_another_does_not_steal_the_view() {
+        use node::runtime::groups::{GroupPostView, GroupView};
+        let g = |id: &str| GroupView {
+            id: id.into(),
+            name: format!("group {id}"),
+            members: 3,
+            member: true,
+            admin: false,
+        };
+        let post = |b: &str| GroupPostView {
+            n: 1,
+            from: "ana".into(),
+            body: b.into(),
+            at_ms: 1,
+            withdrawn: false,
+        };
+        let s = reduce(
+            State::default(),
+            Action::GroupsLoaded(vec![g("aa"), g("bb")]),
+        );
+        assert_eq!(s.groups.len(), 2);
+        let s = reduce(
+            s,
+            Action::GroupOpened {
+                id: "aa".into(),
+                posts: vec![post("hello")],
+                members: vec![],
+                refresh: false,
+            },
+        );
+        assert_eq!(s.pane, Pane::Group);
+        assert_eq!(s.open_group.as_deref(), Some("aa"));
+        assert_eq!(s.open, None);
+        let s = reduce(
+            s,
+            Action::GroupOpened {
+                id: "bb".into(),
+                posts: vec![post("elsewhere")],
+                members: vec![],
+                refresh: true,
+            },
+        );
+        assert_eq!(s.open_group.as_deref(), Some("aa"));
+        assert_eq!(s.group_posts[0].body, "hello");
+        let s = reduce(s, Action::GroupLinked("xmpp:x".into()));
+        assert_eq!(s.pane, Pane::GroupLink);
     }
 }

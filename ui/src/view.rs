@@ -28,6 +28,8 @@ struct Forms {
     link: String,
     link_name: String,
     compose: String,
+    group_name: String,
+    group_compose: String,
     settings: Option<SettingsForm>,
     bridge: BridgeForm,
     wipe_confirm: String,
@@ -107,6 +109,11 @@ impl App {
                     contact: *contact,
                     seq: *seq,
                 });
+            }
+            Action::Node(NodeEvent::GroupPosts { .. }) => {
+                if let Some(id) = self.state.open_group.clone() {
+                    self.backend.send(Command::OpenGroup { id, refresh: true });
+                }
             }
             Action::Unlocked { .. } => {
                 self.forms.pass = Zeroizing::default();
@@ -300,6 +307,9 @@ impl App {
             Pane::AddContact => self.add_contact(ui),
             Pane::Verify(c) => self.verify(ui, c),
             Pane::Settings => self.settings(ui),
+            Pane::Group => self.group(ui),
+            Pane::NewGroup => self.new_group(ui),
+            Pane::GroupLink => self.group_link(ui),
         });
     }
 
@@ -381,6 +391,29 @@ impl App {
                         self.backend.send(Command::Lock);
                     }
                 });
+                ui.separator();
+                ui.horizontal(|ui| {
+                    ui.label(RichText::new("Groups").strong());
+                    if ui.button("New group").clicked() {
+                        self.act(Action::ShowPane(Pane::NewGroup));
+                    }
+                });
+                let groups: Vec<_> = self.state.groups.values().cloned().collect();
+                for g in groups {
+                    let plural = if g.members == 1 { "" } else { "s" };
+                    let mut text = format!("{} — {} member{plural}", g.name, g.members);
+                    if !g.member {
+                        text.push_str(" (left)");
+                    }
+                    let selected = self.state.open_group.as_deref() == Some(g.id.as_str())
+                        && matches!(self.state.pane, Pane::Group | Pane::GroupLink);
+                    if ui.selectable_label(selected, text).clicked() {
+                        self.backend.send(Command::OpenGroup {
+                            id: g.id.clone(),
+                            refresh: false,
+                        });
+                    }
+                }
                 ui.separator();
                 if self.state.contacts.is_empty() {
                     ui.label("No contacts yet. Invite someone, or add their invite link.");
@@ -492,6 +525,160 @@ impl App {
             });
         }
         history(ui, id, &self.state.messages, &mut self.forms.heights);
+    }
+
+    fn new_group(&mut self, ui: &mut Ui) {
+        ui.heading("New group");
+        ui.label("A group has no server: every member keeps it, and it works while any member, you included, is offline. You will be its admin.");
+        let f = &mut self.forms;
+        labelled(ui, "Group name", |ui| {
+            ui.add(TextEdit::singleline(&mut f.group_name).desired_width(280.0))
+        });
+        let name = f.group_name.trim().to_string();
+        if ui
+            .add_enabled(!name.is_empty(), egui::Button::new("Create group"))
+            .clicked()
+        {
+            f.group_name.clear();
+            self.backend.send(Command::CreateGroup(name));
+        }
+    }
+
+    fn group(&mut self, ui: &mut Ui) {
+        let Some(id) = self.state.open_group.clone() else {
+            ui.label("Pick a group.");
+            return;
+        };
+        let Some(g) = self.state.groups.get(&id).cloned() else {
+            return;
+        };
+        ui.horizontal(|ui| {
+            ui.heading(&g.name);
+            ui.label(format!(
+                "{} member{}",
+                g.members,
+                if g.members == 1 { "" } else { "s" }
+            ));
+            if g.admin && ui.button("Invite link").clicked() {
+                self.backend.send(Command::GroupLink(id.clone()));
+            }
+            if g.member && ui.button("Leave group").clicked() {
+                self.backend.send(Command::LeaveGroup(id.clone()));
+            }
+        });
+        if !g.member {
+            ui.colored_label(WARN, "You are no longer a member: nothing new reaches you.");
+        }
+        egui::Panel::right("members")
+            .resizable(true)
+            .default_size(200.0)
+            .show(ui, |ui| {
+                ui.label(RichText::new("Members").strong());
+                for m in &self.state.group_members {
+                    let mut notes = Vec::new();
+                    if m.admin {
+                        notes.push("admin");
+                    }
+                    if !m.me {
+                        notes.push(if m.online {
+                            "connected"
+                        } else if !m.contact {
+                            "through others"
+                        } else {
+                            "offline"
+                        });
+                    }
+                    ui.label(format!("{} — {}", m.name, notes.join(", ")))
+                        .on_hover_text(format!("key {}", m.key));
+                }
+            });
+        let mut send = false;
+        egui::Panel::bottom("group-composer").show(ui, |ui| {
+            ui.horizontal(|ui| {
+                let label = ui.label("Message to the group");
+                let r = ui
+                    .add_enabled(
+                        g.member,
+                        TextEdit::singleline(&mut self.forms.group_compose)
+                            .hint_text("Write to everyone")
+                            .desired_width(ui.available_width() - 80.0),
+                    )
+                    .labelled_by(label.id);
+                if r.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)) {
+                    send = true;
+                    r.request_focus();
+                }
+                if ui
+                    .add_enabled(g.member, egui::Button::new("Send"))
+                    .clicked()
+                {
+                    send = true;
+                }
+            });
+        });
+        if send && !self.forms.group_compose.trim().is_empty() {
+            self.backend.send(Command::SendGroup {
+                id,
+                text: std::mem::take(&mut self.forms.group_compose),
+            });
+        }
+        ScrollArea::vertical()
+            .id_salt("group-history")
+            .stick_to_bottom(true)
+            .show(ui, |ui| {
+                if self.state.group_posts.is_empty() {
+                    ui.label("No messages yet.");
+                }
+                for p in &self.state.group_posts {
+                    if p.withdrawn {
+                        ui.label(
+                            RichText::new(format!(
+                                "[{}] {}: (withdrawn: written after they left)",
+                                clock(p.at_ms),
+                                p.from
+                            ))
+                            .weak(),
+                        );
+                    } else {
+                        ui.label(format!("[{}] {}: {}", clock(p.at_ms), p.from, p.body));
+                    }
+                }
+            });
+    }
+
+    fn group_link(&mut self, ui: &mut Ui) {
+        let name = self
+            .state
+            .open_group
+            .as_ref()
+            .and_then(|id| self.state.groups.get(id))
+            .map(|g| g.name.clone())
+            .unwrap_or_default();
+        ui.heading(format!("Join {name}"));
+        let Some(link) = self.state.group_link.clone() else {
+            ui.label("Making a link…");
+            return;
+        };
+        ui.label("Show this in the room: whoever scans or pastes it (Add contact) becomes your contact and a member. It works for 2 hours, for up to 50 people; anyone who sees it can join, so show it only to the people in the room.");
+        let mut shown = link.clone();
+        labelled(ui, "Group link", |ui| {
+            ui.add(
+                TextEdit::multiline(&mut shown)
+                    .desired_rows(2)
+                    .desired_width(ui.available_width()),
+            )
+        });
+        ui.horizontal(|ui| {
+            if ui.button("Copy link").clicked() {
+                ui.ctx().copy_text(link.clone());
+                self.act(Action::Info("Link copied.".into()));
+            }
+            if ui.button("Back to the group").clicked() {
+                self.act(Action::ShowPane(Pane::Group));
+            }
+        });
+        ui.add_space(8.0);
+        crate::qr::show(ui, &link, "QR code of the group link");
     }
 
     fn invite(&mut self, ui: &mut Ui) {

@@ -597,3 +597,51 @@ fn a_friend_on_xmpp_is_added_after_setting_up_the_bridge_and_is_marked() {
         a.state.status.bridge.is_none()
     });
 }
+
+#[test]
+fn a_group_is_created_written_to_and_its_link_shown_as_a_qr_code() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut h = harness(dir.path());
+    create(&mut h, "dora", "dora passphrase one");
+    click(&mut h, "New group");
+    type_into(&mut h, "Group name", "reading circle");
+    click(&mut h, "Create group");
+    until(&mut h, "the group open", |a| {
+        a.state.pane == Pane::Group && a.state.open_group.is_some()
+    });
+    assert!(
+        h.query_by_label_contains("reading circle — 1 member")
+            .is_some(),
+        "the group in the list"
+    );
+    assert!(h.query_by_label_contains("me — admin").is_some());
+    type_into(&mut h, "Message to the group", "first meeting on friday");
+    click(&mut h, "Send");
+    until(&mut h, "the message in the group", |a| {
+        a.state
+            .group_posts
+            .iter()
+            .any(|p| p.body == "first meeting on friday" && p.from == "me")
+    });
+    assert!(
+        h.query_by_label_contains("me: first meeting on friday")
+            .is_some()
+    );
+    click(&mut h, "Invite link");
+    until(&mut h, "the link", |a| {
+        a.state.pane == Pane::GroupLink && a.state.group_link.is_some()
+    });
+    assert!(
+        h.query_by_label_contains("QR code of the group link")
+            .is_some()
+    );
+    click(&mut h, "Back to the group");
+    click(&mut h, "Leave group");
+    until(&mut h, "left", |a| {
+        a.state.groups.values().all(|g| !g.member)
+    });
+    assert!(
+        h.query_by_label_contains("You are no longer a member")
+            .is_some()
+    );
+}

@@ -684,6 +684,57 @@ impl Node {
         control::bridge_off(&self.shared).await
     }
 
+    /// Creates a group (see [`groups`]).
+    pub async fn group_create(&self, name: &str) -> Result<groups::GroupView, crate::ops::OpError> {
+        groups::create(&self.shared, name).await
+    }
+
+    /// Every group.
+    pub async fn groups(&self) -> Result<Vec<groups::GroupView>, crate::ops::OpError> {
+        groups::list(&self.shared).await
+    }
+
+    /// A group's latest posts, oldest first.
+    pub async fn group_history(
+        &self,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<groups::GroupPostView>, crate::ops::OpError> {
+        groups::history(&self.shared, group, limit).await
+    }
+
+    /// A group's members.
+    pub async fn group_members(
+        &self,
+        group: &str,
+    ) -> Result<Vec<groups::MemberView>, crate::ops::OpError> {
+        groups::members(&self.shared, group).await
+    }
+
+    /// Posts to a group.
+    pub async fn group_send(
+        &self,
+        group: &str,
+        text: &str,
+    ) -> Result<groups::GroupPostView, crate::ops::OpError> {
+        groups::send(&self.shared, group, text).await
+    }
+
+    /// A link that makes its users contacts and members (admins).
+    pub async fn group_link(
+        &self,
+        group: &str,
+        ttl: &str,
+        uses: u32,
+    ) -> Result<String, crate::ops::OpError> {
+        groups::link(&self.shared, group, ttl, uses).await
+    }
+
+    /// Leaves a group.
+    pub async fn group_leave(&self, group: &str) -> Result<groups::GroupView, crate::ops::OpError> {
+        groups::leave(&self.shared, group).await
+    }
+
     /// Current status.
     pub fn status(&self) -> control::StatusView {
         control::status(&self.shared)
