@@ -566,6 +566,133 @@ fn lan(runs: usize) {
     println!("| {med:.0} | {p90:.0} | {p95:.0} | median ≤ 1000 |\n");
 }
 
+/// A group of `members` on a namespaced LAN, joined through one link (a
+/// meeting room: everyone a contact of the organiser only): time until
+/// every member has a post, against one 1:1 hop between two of them in the
+/// same run. Polls each node's control socket (a persistent connection
+/// each), so both figures include the same polling resolution.
+fn group_lan(runs: usize, members: usize) {
+    use coterie_tests::netns::Lan;
+    use coterie_tests::{NodeProc, wait_for};
+    use serde_json::{Value, json};
+    const G: &str = "bench-room";
+    println!(
+        "## Group of {members} on a namespaced LAN (one link, star of contacts) vs a 1:1 hop, {runs} runs each, interleaved"
+    );
+    let lan = Lan::new(members);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut nodes: Vec<NodeProc> = (0..members)
+        .map(|i| {
+            let mut p = NodeProc::init(tmp.path(), &format!("member-{i:02}"));
+            p.netns = Some(lan.hosts[i].clone());
+            p
+        })
+        .collect();
+    for n in nodes.iter_mut() {
+        n.start_with(&["--lan", "--lan-period", "600"]);
+    }
+    let mut ctl: Vec<coterie_tests::Control> = nodes
+        .iter()
+        .map(|n| n.control_conn().expect("control"))
+        .collect();
+    ctl[0]
+        .call(&json!({"cmd": "groupcreate", "name": G}))
+        .expect("create");
+    let uri = ctl[0]
+        .call(&json!({"cmd": "grouplink", "group": G, "ttl": "1h", "uses": members}))
+        .expect("link");
+    let uri = uri.as_str().expect("uri").to_string();
+    for c in ctl.iter_mut().skip(1) {
+        c.call(&json!({"cmd": "add", "uri": uri})).expect("join");
+    }
+    for (i, c) in ctl.iter_mut().enumerate() {
+        wait_for(
+            &format!("member {i} sees everyone"),
+            Duration::from_secs(120),
+            || {
+                let m = c.call(&json!({"cmd": "groupmembers", "group": G})).ok()?;
+                (m.as_array().map_or(0, Vec::len) == members).then_some(())
+            },
+        );
+    }
+    let last_body = |c: &mut coterie_tests::Control, req: &Value| -> String {
+        c.call(req)
+            .ok()
+            .and_then(|v| v.as_array().and_then(|a| a.last().cloned()))
+            .and_then(|m| m["body"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    let hist = json!({"cmd": "grouphistory", "group": G, "limit": 1});
+    // Warm-up: everyone writes once (sessions, OMEMO, relays learned).
+    for (i, c) in ctl.iter_mut().enumerate() {
+        c.call(&json!({"cmd": "groupsend", "group": G, "text": format!("warm-up {i}")}))
+            .expect("send");
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let contact0 = nodes[0].name.clone();
+    let one_hist = json!({"cmd": "history", "contact": nodes[1].name, "limit": 1});
+    let (mut group_ms, mut hop_ms) = (Vec::new(), Vec::new());
+    for r in 0..runs {
+        // The group: member 1 + r % (members − 1) writes; every other
+        // member must have it.
+        let from = 1 + r % (members - 1);
+        let body = format!("group run {r}");
+        let t = Instant::now();
+        ctl[from]
+            .call(&json!({"cmd": "groupsend", "group": G, "text": body}))
+            .expect("send");
+        let mut pending: Vec<usize> = (0..members).filter(|i| *i != from).collect();
+        while !pending.is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "group post not everywhere in 60 s: {pending:?}"
+            );
+            pending.retain(|&i| last_body(&mut ctl[i], &hist) != body);
+        }
+        group_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        // One hop: member 1 writes to the organiser.
+        let body = format!("hop run {r}");
+        let t = Instant::now();
+        ctl[1]
+            .call(&json!({"cmd": "send", "contact": contact0, "text": body}))
+            .expect("send");
+        while last_body(&mut ctl[0], &one_hist) != body {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "1:1 message not there in 60 s"
+            );
+        }
+        hop_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    drop(ctl);
+    for n in nodes.iter_mut() {
+        n.stop();
+    }
+    let pct = |v: &[f64], p: f64| {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| a.total_cmp(b));
+        s[((s.len() as f64 * p).ceil() as usize)
+            .saturating_sub(1)
+            .min(s.len() - 1)]
+    };
+    println!("| path | median ms | p90 ms | p99 ms |\n| --- | --- | --- | --- |");
+    for (name, v) in [
+        ("1:1 hop", &hop_ms),
+        ("group: every member has it", &group_ms),
+    ] {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} |",
+            pct(v, 0.5),
+            pct(v, 0.9),
+            pct(v, 0.99)
+        );
+    }
+    println!(
+        "\np99 ratio group / 1:1 hop: {:.2} (goal ≤ 2)\n",
+        pct(&group_ms, 0.99) / pct(&hop_ms, 0.99)
+    );
+}
+
 /// Nodes whose only path is their onion services (the advertised address
 /// is a closed port).
 async fn start_tor(dir: &Path, arti: &Path) -> Node {
@@ -862,6 +989,10 @@ fn main() {
     }
     if what == "tor" {
         tor(flag("--n", 200), flag("--runs", 5));
+        return;
+    }
+    if what == "group-lan" {
+        group_lan(flag("--runs", 30), flag("--members", 20));
         return;
     }
     if what == "bridge" {
