@@ -240,11 +240,14 @@ async fn redeem_inbound(
         Ok(_) => 0,
         Err(e) => status_of(e),
     };
+    // The gate and the contact list change before the answer goes out: a
+    // used invite's ticket must not open the gate once the invitee has
+    // seen its redemption succeed.
+    shared.refresh_policy().await;
     let mut answer = [0u8; PREFACE_LEN];
     answer[0] = status;
     a.io.write_all(&answer).await.map_err(|e| e.to_string())?;
     a.io.flush().await.map_err(|e| e.to_string())?;
-    shared.refresh_policy().await;
     match res {
         Ok(c) => {
             tracing::info!(peer = %peer.short(), "invite redeemed: new contact");
