@@ -504,3 +504,38 @@ pub fn assert_no_plaintext(dir: &Path, needles: &[&[u8]]) {
         }
     }
 }
+
+/// (from, body) of a node's history of `group`, oldest first (empty if the
+/// node has no such group yet).
+pub fn group_history(n: &NodeProc, group: &str) -> Vec<(String, String)> {
+    let out = n.cli(&["group", "history", group, "--limit", "1000"]);
+    if out.code != 0 {
+        return Vec::new();
+    }
+    out.json
+        .first()
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    (
+                        p["from"].as_str().unwrap_or_default().to_string(),
+                        p["body"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// How many members `n` lists in `group` (0 if it has no such group).
+pub fn group_members(n: &NodeProc, group: &str) -> usize {
+    let out = n.cli(&["group", "members", group]);
+    if out.code != 0 {
+        return 0;
+    }
+    out.json
+        .first()
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len)
+}

@@ -28,26 +28,8 @@ fn group(n: &NodeProc, args: &[&str]) -> Value {
     out.json.into_iter().next().unwrap_or(Value::Null)
 }
 
-/// (from, body) of a node's group history.
 fn history(n: &NodeProc) -> Vec<(String, String)> {
-    let out = n.cli(&["group", "history", GROUP, "--limit", "1000"]);
-    if out.code != 0 {
-        return Vec::new();
-    }
-    out.json
-        .first()
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .map(|p| {
-                    (
-                        p["from"].as_str().unwrap_or_default().to_string(),
-                        p["body"].as_str().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    coterie_tests::group_history(n, GROUP)
 }
 
 fn count(n: &NodeProc, body: &str) -> usize {
@@ -63,14 +45,7 @@ fn wait_post(n: &NodeProc, body: &str, secs: u64) {
 }
 
 fn members(n: &NodeProc) -> usize {
-    let out = n.cli(&["group", "members", GROUP]);
-    if out.code != 0 {
-        return 0;
-    }
-    out.json
-        .first()
-        .and_then(Value::as_array)
-        .map_or(0, Vec::len)
+    coterie_tests::group_members(n, GROUP)
 }
 
 #[test]

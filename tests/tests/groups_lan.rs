@@ -6,35 +6,16 @@ use std::time::{Duration, Instant};
 
 use coterie_tests::netns::Lan;
 use coterie_tests::{NodeProc, wait_for};
-use serde_json::Value;
 
 const GROUP: &str = "tenants-assembly-room";
 const N: usize = 8;
 
 fn history(n: &NodeProc) -> Vec<(String, String)> {
-    let out = n.cli(&["group", "history", GROUP, "--limit", "1000"]);
-    out.json
-        .first()
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .map(|p| {
-                    (
-                        p["from"].as_str().unwrap_or_default().to_string(),
-                        p["body"].as_str().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    coterie_tests::group_history(n, GROUP)
 }
 
 fn members(n: &NodeProc) -> usize {
-    let out = n.cli(&["group", "members", GROUP]);
-    out.json
-        .first()
-        .and_then(Value::as_array)
-        .map_or(0, Vec::len)
+    coterie_tests::group_members(n, GROUP)
 }
 
 #[test]

@@ -507,49 +507,19 @@ async fn on_node(o: &Open, cmd: Command, out: &Out) -> Result<(), String> {
             out.send(Action::Invited(link));
         }
         Command::Groups => groups(o, out).await,
-        Command::OpenGroup { id, refresh } => {
-            let posts = o
-                .node
-                .group_history(&id, crate::state::PAGE)
-                .await
-                .map_err(op_error)?;
-            let members = o.node.group_members(&id).await.map_err(op_error)?;
-            out.send(Action::GroupOpened {
-                id,
-                posts,
-                members,
-                refresh,
-            });
-        }
+        Command::OpenGroup { id, refresh } => open_group(o, out, id, refresh).await?,
         Command::CreateGroup(name) => {
             let g = o.node.group_create(name.trim()).await.map_err(op_error)?;
             let id = g.id.clone();
             out.send(Action::GroupCreated(g));
-            let members = o.node.group_members(&id).await.map_err(op_error)?;
-            out.send(Action::GroupOpened {
-                id,
-                posts: Vec::new(),
-                members,
-                refresh: false,
-            });
+            open_group(o, out, id, false).await?;
         }
         Command::SendGroup { id, text } => {
             if text.trim().is_empty() {
                 return Ok(());
             }
             o.node.group_send(&id, &text).await.map_err(op_error)?;
-            let posts = o
-                .node
-                .group_history(&id, crate::state::PAGE)
-                .await
-                .map_err(op_error)?;
-            let members = o.node.group_members(&id).await.map_err(op_error)?;
-            out.send(Action::GroupOpened {
-                id,
-                posts,
-                members,
-                refresh: true,
-            });
+            open_group(o, out, id, true).await?;
         }
         Command::GroupLink(id) => {
             let uri = o.node.group_link(&id, "2h", 50).await.map_err(op_error)?;
@@ -678,6 +648,23 @@ async fn fingerprint_of(o: &Open, contact: u64) -> Result<String, String> {
         .and_then(|c| transport::PeerId::from_bytes(c.peer).ok())
         .map(|p| p.fingerprint_compact())
         .ok_or_else(|| "That contact no longer exists.".to_string())
+}
+
+/// Loads a group's latest posts and members for its chat.
+async fn open_group(o: &Open, out: &Out, id: String, refresh: bool) -> Result<(), String> {
+    let posts = o
+        .node
+        .group_history(&id, crate::state::PAGE)
+        .await
+        .map_err(op_error)?;
+    let members = o.node.group_members(&id).await.map_err(op_error)?;
+    out.send(Action::GroupOpened {
+        id,
+        posts,
+        members,
+        refresh,
+    });
+    Ok(())
 }
 
 async fn groups(o: &Open, out: &Out) {

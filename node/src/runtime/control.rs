@@ -389,6 +389,17 @@ fn json(v: impl Serialize) -> serde_json::Value {
 }
 
 pub(crate) async fn do_invite(shared: &Arc<Shared>, ttl: &str) -> Result<String, OpError> {
+    invite_for(shared, ttl, None, None).await
+}
+
+/// An invite with this node's addresses, optionally a group's link usable
+/// `uses` times; the gate opens for it at once.
+pub(crate) async fn invite_for(
+    shared: &Arc<Shared>,
+    ttl: &str,
+    group: Option<String>,
+    uses: Option<u32>,
+) -> Result<String, OpError> {
     let addrs = shared
         .advertised
         .read()
@@ -396,7 +407,7 @@ pub(crate) async fn do_invite(shared: &Arc<Shared>, ttl: &str) -> Result<String,
         .unwrap_or_default();
     let ttl = ttl.to_string();
     let uri = db(&shared.store, move |s| {
-        ops::invite(s, &ttl, &addrs, ops::now_secs())
+        ops::invite_for(s, &ttl, &addrs, ops::now_secs(), group, uses)
     })
     .await??;
     shared.refresh_policy().await;

@@ -379,9 +379,9 @@ pub(crate) async fn tick(shared: &Arc<Shared>) {
     }
 }
 
-/// Marks the members with a live session as connected (no frames).
-fn mark_live(shared: &Shared, g: &mut Group) {
-    let conns: Vec<u64> = shared
+/// Contacts with a resumed session now.
+fn live_contacts(shared: &Shared) -> Vec<u64> {
+    shared
         .conns
         .lock()
         .map(|c| {
@@ -390,7 +390,12 @@ fn mark_live(shared: &Shared, g: &mut Group) {
                 .map(|(k, _)| *k)
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Marks the members with a live session as connected (no frames).
+fn mark_live(shared: &Shared, g: &mut Group) {
+    let conns = live_contacts(shared);
     for c in conns {
         if let Some(p) = peer_of(shared, c) {
             g.mark_online(p);
@@ -622,16 +627,7 @@ pub(crate) async fn members(shared: &Arc<Shared>, sel: &str) -> Result<Vec<Membe
             .collect();
         (m, g.me())
     };
-    let live: Vec<u64> = shared
-        .conns
-        .lock()
-        .map(|c| {
-            c.iter()
-                .filter(|(_, e)| e.resumed)
-                .map(|(k, _)| *k)
-                .collect()
-        })
-        .unwrap_or_default();
+    let live = live_contacts(shared);
     let contacts: HashMap<PeerId, u64> = shared
         .contacts
         .read()
@@ -677,25 +673,7 @@ pub(crate) async fn link(
         }
         HEXLOWER.encode(g.id())
     };
-    let addrs = shared
-        .advertised
-        .read()
-        .map(|a| a.clone())
-        .unwrap_or_default();
-    let ttl = ttl.to_string();
-    let uri = db(&shared.store, move |s| {
-        crate::ops::invite_for(
-            s,
-            &ttl,
-            &addrs,
-            crate::ops::now_secs(),
-            Some(id),
-            Some(uses),
-        )
-    })
-    .await??;
-    shared.refresh_policy().await;
-    Ok(uri)
+    super::control::invite_for(shared, ttl, Some(id), Some(uses)).await
 }
 
 /// Someone redeemed a group link: add them (if we are still an admin).
