@@ -207,9 +207,15 @@ impl NodeProc {
             .args((!extra.contains(&"--tor-config")).then_some("--no-tor"))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("COTERIE_PASSPHRASE", PASSPHRASE)
+            // The node's own `env` wins, then the test's environment.
             .env(
                 "COTERIE_LOG",
-                std::env::var("COTERIE_LOG").unwrap_or_else(|_| "info".into()),
+                self.env
+                    .iter()
+                    .find(|(k, _)| k == "COTERIE_LOG")
+                    .map(|(_, v)| v.clone())
+                    .or_else(|| std::env::var("COTERIE_LOG").ok())
+                    .unwrap_or_else(|| "info".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -1051,6 +1051,7 @@ async fn store_batch(
         let _ = shared.events.send(NodeEvent::Sent { contact, seq });
     }
     for &seq in &res.new_messages {
+        tracing::debug!(seq, "message stored");
         let _ = shared.events.send(NodeEvent::Received { contact, seq });
     }
     for &seq in &res.delivered {

@@ -179,6 +179,7 @@ async fn commit(
                 body,
                 at_ms,
             } => {
+                tracing::debug!(author = %author.short(), seq, "group post shown");
                 let signed = g
                     .signed_post(author, *seq)
                     .map(|s| BASE64.encode(&prost::Message::encode_to_vec(s)))
@@ -209,7 +210,7 @@ async fn commit(
     for o in step.out {
         match contact_of(shared, &o.to) {
             Some(c) => {
-                w.frames.push((c, o.frame.encode()));
+                w.frames.push((c, *o.to.as_bytes(), o.frame.encode()));
                 if !kicked.contains(&c) {
                     kicked.push(c);
                 }
@@ -218,7 +219,11 @@ async fn commit(
         }
     }
     let id = *g.id();
-    let row = db(&shared.store, move |s| s.write_group(row, &id, &w)).await??;
+    let own = shared.omemo.clone();
+    let row = db(&shared.store, move |s| {
+        s.write_group(row, &id, &w, Some(&own))
+    })
+    .await??;
     for c in kicked {
         shared.outbox_grew(c);
     }

@@ -7,7 +7,8 @@ use data_encoding::{BASE64, HEXLOWER};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{Ctx as _, OUTBOX, OutStanza, PEERS, Store, StoreError, k64, k128};
+use super::omemo::Encryptor;
+use super::{Ctx as _, OUTBOX, OutStanza, OwnOmemo, PEERS, Store, StoreError, k64, k128};
 
 pub(super) const GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups");
 pub(super) const GROUP_POSTS: TableDefinition<(u64, u64), &[u8]> =
@@ -55,8 +56,8 @@ pub struct GroupWrite {
     pub posts: Vec<GroupPostRow>,
     /// Posts withdrawn: (author hex, seq).
     pub withdrawn: Vec<(String, u64)>,
-    /// Frames for contacts: (contact id, frame bytes).
-    pub frames: Vec<(u64, Vec<u8>)>,
+    /// Frames for contacts: (contact id, their key, frame bytes).
+    pub frames: Vec<(u64, [u8; 32], Vec<u8>)>,
 }
 
 impl Store {
@@ -103,13 +104,16 @@ impl Store {
     }
 
     /// Writes one change to a group (a new group when `row` is `None`), and
-    /// queues its frames in the contacts' outboxes, in one transaction.
+    /// queues its frames in the contacts' outboxes, in one transaction;
+    /// with `own`, each frame is OMEMO-encrypted there too (one disk sync
+    /// for a post to every member, not one per member when it is sent).
     /// Returns the group's row.
     pub fn write_group(
         &self,
         row: Option<u64>,
         id: &[u8; 32],
         w: &GroupWrite,
+        own: Option<&OwnOmemo>,
     ) -> Result<u64, StoreError> {
         let tx = self.db.begin_write().ctx("write")?;
         let row = {
@@ -179,14 +183,23 @@ impl Store {
         if !w.frames.is_empty() {
             let mut peers = tx.open_table(PEERS).ctx("open peers")?;
             let mut ot = tx.open_table(OUTBOX).ctx("open outbox")?;
-            for (contact, frame) in &w.frames {
+            for (contact, peer, frame) in &w.frames {
                 let mut st = self.peer_state_in(&peers, *contact)?;
                 st.out_last += 1;
                 let nonce: u32 = rand::random();
+                let omemo = match own.and_then(|o| o.ctx(*peer)) {
+                    Some(ctx) => {
+                        let mut enc = Encryptor::open(self, &tx, *contact, &ctx)?;
+                        let el = enc.encrypt_group(frame);
+                        enc.save(self, &tx, *contact)?;
+                        el
+                    }
+                    None => None,
+                };
                 let s = OutStanza::Group {
                     id: format!("g{}.{nonce:08x}", st.out_last),
                     frame: BASE64.encode(frame),
-                    omemo: None,
+                    omemo,
                 };
                 self.put_out(&mut ot, *contact, st.out_last, &s)?;
                 self.put_peer_state(&mut peers, *contact, &st)?;

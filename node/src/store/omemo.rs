@@ -875,6 +875,22 @@ impl<'c> Encryptor<'c> {
         Some(el)
     }
 
+    /// The `<encrypted/>` XML for a group frame, or `None` if it cannot be
+    /// encrypted now (it will be when first sent).
+    pub(super) fn encrypt_group(&mut self, frame: &[u8]) -> Option<String> {
+        let (v, devices) = self.targets.clone()?;
+        let el = encrypt_for(
+            &mut self.peer,
+            self.ctx,
+            v,
+            &devices,
+            Some(&sce::Content::Group(frame.to_vec())),
+            &mut rand::rngs::OsRng,
+        )?;
+        self.changed = true;
+        Some(el)
+    }
+
     pub(super) fn save(
         self,
         store: &Store,
