@@ -172,12 +172,13 @@ fn the_app_unlocks_chats_with_a_node_on_the_lan_and_stays_idle() {
     std::thread::sleep(Duration::from_secs(1));
     screenshot(&display, &shots, "3-contacts");
 
-    // Tab past "Invite someone", "Add contact", "Settings", "Lock" to bob; Enter
-    // opens the chat with the composer focused; type and Enter sends.
+    // Tab past "Invite someone", "Add contact", "Settings", "Lock" and "New
+    // group" to bob; Enter opens the chat with the composer focused; type
+    // and Enter sends.
     keys(
         &display,
         &win,
-        &["Tab", "Tab", "Tab", "Tab", "Tab", "Return"],
+        &["Tab", "Tab", "Tab", "Tab", "Tab", "Tab", "Return"],
     );
     type_text(&display, &win, "hello bob, from the app");
     keys(&display, &win, &["Return"]);

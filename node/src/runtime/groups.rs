@@ -309,6 +309,11 @@ pub(crate) async fn frames(shared: &Arc<Shared>, contact: u64, frames: Vec<Vec<u
             continue;
         };
         let step = g.handle(peer, frame, now);
+        // A frame that changed nothing to keep or send (a copy of what we
+        // hold) costs no write.
+        if step.out.is_empty() && step.events.is_empty() {
+            continue;
+        }
         let g = &held.groups[&row];
         if let Err(e) = commit(shared, Some(row), g, step, None).await {
             tracing::warn!("group: could not store a change: {e}");
