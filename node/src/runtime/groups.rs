@@ -235,11 +235,8 @@ async fn commit(
     Ok(row)
 }
 
-/// A session with `contact` is up: members among them get our summaries.
-pub(crate) async fn connected(shared: &Arc<Shared>, contact: u64) {
-    let Some(peer) = peer_of(shared, contact) else {
-        return;
-    };
+/// Runs `f` on every group and writes what each produced.
+async fn each(shared: &Arc<Shared>, mut f: impl FnMut(&mut Group, u64) -> Step) {
     let Ok(mut held) = lock(shared).await else {
         return;
     };
@@ -249,7 +246,7 @@ pub(crate) async fn connected(shared: &Arc<Shared>, contact: u64) {
         let Some(g) = held.groups.get_mut(&row) else {
             continue;
         };
-        let step = g.connected(peer, now);
+        let step = f(g, now);
         if step.out.is_empty() && step.events.is_empty() {
             continue;
         }
@@ -257,6 +254,13 @@ pub(crate) async fn connected(shared: &Arc<Shared>, contact: u64) {
         if let Err(e) = commit(shared, Some(row), g, step, None).await {
             tracing::warn!("group: could not store a change: {e}");
         }
+    }
+}
+
+/// A session with `contact` is up: members among them get our summaries.
+pub(crate) async fn connected(shared: &Arc<Shared>, contact: u64) {
+    if let Some(peer) = peer_of(shared, contact) {
+        each(shared, |g, now| g.connected(peer, now)).await;
     }
 }
 
@@ -369,24 +373,7 @@ async fn welcome(
 
 /// Periodic summaries.
 pub(crate) async fn tick(shared: &Arc<Shared>) {
-    let Ok(mut held) = lock(shared).await else {
-        return;
-    };
-    let now = now_ms();
-    let rows: Vec<u64> = held.groups.keys().copied().collect();
-    for row in rows {
-        let Some(g) = held.groups.get_mut(&row) else {
-            continue;
-        };
-        let step = g.tick(now);
-        if step.out.is_empty() {
-            continue;
-        }
-        let g = &held.groups[&row];
-        if let Err(e) = commit(shared, Some(row), g, step, None).await {
-            tracing::warn!("group: could not store a change: {e}");
-        }
-    }
+    each(shared, |g, now| g.tick(now)).await;
 }
 
 /// Contacts with a resumed session now.
