@@ -455,6 +455,21 @@ pub(crate) async fn list(shared: &Arc<Shared>) -> Result<Vec<GroupView>, OpError
     Ok(held.groups.values().map(view).collect())
 }
 
+/// The group `sel` names, with its connected members marked.
+fn chosen<'a>(
+    shared: &Shared,
+    held: &'a mut Held,
+    sel: &str,
+) -> Result<(u64, &'a mut Group), OpError> {
+    let row = find(held, sel)?.0;
+    let g = held
+        .groups
+        .get_mut(&row)
+        .ok_or_else(|| usage("the group is gone"))?;
+    mark_live(shared, g);
+    Ok((row, g))
+}
+
 /// Runs a change on one group and commits it.
 async fn change(
     shared: &Arc<Shared>,
@@ -462,12 +477,8 @@ async fn change(
     f: impl FnOnce(&mut Group, u64) -> Result<Step, ActionError>,
 ) -> Result<GroupView, OpError> {
     let mut held = lock(shared).await?;
-    let row = find(&held, sel)?.0;
+    let (row, g) = chosen(shared, &mut held, sel)?;
     let now = now_ms();
-    let Some(g) = held.groups.get_mut(&row) else {
-        return Err(usage("the group is gone"));
-    };
-    mark_live(shared, g);
     let step = f(g, now).map_err(action)?;
     let g = &held.groups[&row];
     commit(shared, Some(row), g, step, None).await?;
@@ -544,12 +555,8 @@ pub(crate) async fn send(
     text: &str,
 ) -> Result<GroupPostView, OpError> {
     let mut held = lock(shared).await?;
-    let row = find(&held, sel)?.0;
+    let (row, g) = chosen(shared, &mut held, sel)?;
     let now = now_ms();
-    let Some(g) = held.groups.get_mut(&row) else {
-        return Err(usage("the group is gone"));
-    };
-    mark_live(shared, g);
     let (signed, step) = g.post(text.as_bytes(), now).map_err(action)?;
     let g = &held.groups[&row];
     commit(shared, Some(row), g, step, Some((&signed, text, now))).await?;
