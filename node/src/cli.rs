@@ -72,36 +72,23 @@ enum Cmd {
     },
     /// Run the node in the foreground.
     Run {
-        /// Listen on ADDR (TCP and QUIC). Repeatable. Default 127.0.0.1:7474.
-        /// An IPv6 link-local address needs its interface: [fe80::1%wlan0]:7474.
-        #[arg(long = "listen", value_name = "ADDR", value_parser = listen_addr)]
-        listen: Vec<SocketAddr>,
-        /// Announce ADDR (tcp:IP:PORT or quic:IP:PORT) instead of the listen addresses. Repeatable.
-        #[arg(long = "advertise", value_name = "ADDR")]
-        advertise: Vec<String>,
-        /// Find contacts on the local network (encrypted mDNS records only contacts can read).
-        #[arg(long)]
-        lan: bool,
-        /// Seconds before LAN records change names and contents.
-        #[arg(long, value_name = "SECS", default_value_t = 600)]
-        lan_period: u64,
-        /// DANGEROUS: also announce yourself with a plain XEP-0174 record
-        /// (your name in the clear) and chat in CLEARTEXT with classic
-        /// link-local clients (Pidgin/finch "Bonjour"). Those chats are not
-        /// encrypted or authenticated; they are marked cleartext.
-        #[arg(long = "danger-xep0174-compat")]
-        danger_xep0174_compat: bool,
-        /// The plain XMPP port of the compatibility mode.
-        #[arg(long, value_name = "PORT", default_value_t = coterie_node::runtime::compat::DEFAULT_PORT, requires = "danger_xep0174_compat")]
-        compat_port: u16,
-        /// An arti configuration file (TOML: bridges, a private Tor network,
-        /// …). Without it, arti's defaults: the public Tor network.
-        #[arg(long, value_name = "FILE")]
-        tor_config: Option<PathBuf>,
-        /// No Tor: not reachable as an onion service, contacts reached only
-        /// on the LAN or at the addresses they announced.
-        #[arg(long, conflicts_with = "tor_config")]
-        no_tor: bool,
+        #[command(flatten)]
+        args: RunArgs,
+    },
+    /// Run a headless, always-on node for a small box that holds sealed
+    /// messages between its contacts while they are offline (`coterie run`
+    /// with holding offered). Contacts who add it and turn on `coterie
+    /// holding use on` leave messages with it.
+    Serve {
+        #[command(flatten)]
+        args: RunArgs,
+    },
+    /// Offline delivery: leave messages for offline contacts with mutual
+    /// contacts who hold them, and hold for your contacts. Without a
+    /// change: shows the settings.
+    Holding {
+        #[command(subcommand)]
+        cmd: Option<HoldingCmd>,
     },
     /// Send a message (queued durably if the contact is offline).
     Send {
@@ -234,6 +221,67 @@ enum GroupCmd {
         /// The new name.
         name: String,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Listen on ADDR (TCP and QUIC). Repeatable. Default 127.0.0.1:7474.
+    /// An IPv6 link-local address needs its interface: [fe80::1%wlan0]:7474.
+    #[arg(long = "listen", value_name = "ADDR", value_parser = listen_addr)]
+    listen: Vec<SocketAddr>,
+    /// Announce ADDR (tcp:IP:PORT or quic:IP:PORT) instead of the listen addresses. Repeatable.
+    #[arg(long = "advertise", value_name = "ADDR")]
+    advertise: Vec<String>,
+    /// Find contacts on the local network (encrypted mDNS records only contacts can read).
+    #[arg(long)]
+    lan: bool,
+    /// Seconds before LAN records change names and contents.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    lan_period: u64,
+    /// DANGEROUS: also announce yourself with a plain XEP-0174 record
+    /// (your name in the clear) and chat in CLEARTEXT with classic
+    /// link-local clients (Pidgin/finch "Bonjour"). Those chats are not
+    /// encrypted or authenticated; they are marked cleartext.
+    #[arg(long = "danger-xep0174-compat")]
+    danger_xep0174_compat: bool,
+    /// The plain XMPP port of the compatibility mode.
+    #[arg(long, value_name = "PORT", default_value_t = coterie_node::runtime::compat::DEFAULT_PORT, requires = "danger_xep0174_compat")]
+    compat_port: u16,
+    /// An arti configuration file (TOML: bridges, a private Tor network,
+    /// …). Without it, arti's defaults: the public Tor network.
+    #[arg(long, value_name = "FILE")]
+    tor_config: Option<PathBuf>,
+    /// No Tor: not reachable as an onion service, contacts reached only
+    /// on the LAN or at the addresses they announced.
+    #[arg(long, conflicts_with = "tor_config")]
+    no_tor: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum HoldingCmd {
+    /// Leave messages for an offline contact with mutual contacts who
+    /// offer to hold (they learn who it is for and its size, never its
+    /// text): `on` or `off`.
+    Use {
+        #[arg(value_parser = on_off)]
+        state: bool,
+        /// How long holders keep what you leave, in hours (1 to 336).
+        #[arg(long)]
+        hours: Option<u32>,
+    },
+    /// Hold sealed messages between your contacts for them: `on` or `off`.
+    Offer {
+        #[arg(value_parser = on_off)]
+        state: bool,
+    },
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("`{s}`: say on or off")),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -847,33 +895,46 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                 None => Err(fail(7, "no node is running on this profile")),
             }
         }
-        Cmd::Run {
-            listen,
-            advertise,
-            lan,
-            lan_period,
-            danger_xep0174_compat,
-            compat_port,
-            tor_config,
-            no_tor,
-        } => {
-            if lan_period < 10 {
-                return Err(fail(2, "--lan-period must be at least 10 seconds"));
-            }
-            let lan = lan.then_some(coterie_node::runtime::LanSettings {
-                period_secs: lan_period,
-            });
-            let compat = danger_xep0174_compat.then_some(coterie_node::runtime::CompatSettings {
-                port: compat_port,
-                period_secs: lan_period,
-            });
-            if compat.is_some() {
-                eprintln!(
-                    "DANGER: XEP-0174 compatibility mode. Your name is announced on the LAN in the clear, and chats with classic clients are NOT encrypted: anyone on the network can read them and pretend to be them. They are marked [cleartext]."
+        Cmd::Run { args } => run_with(dir, args, false, out),
+        Cmd::Serve { args } => run_with(dir, args, true, out),
+        Cmd::Holding { cmd } => {
+            let change = match cmd {
+                None => ops::HoldChange::default(),
+                Some(HoldingCmd::Use { state, hours }) => ops::HoldChange {
+                    use_holders: Some(state),
+                    ttl_hours: hours,
+                    ..Default::default()
+                },
+                Some(HoldingCmd::Offer { state }) => ops::HoldChange {
+                    offer: Some(state),
+                    ..Default::default()
+                },
+            };
+            let rt = runtime()?;
+            let v: ops::HoldingView = via_node_or_store(
+                &rt,
+                dir,
+                &Request::Holding {
+                    change: change.clone(),
+                },
+                |s| Ok(ops::holding(s, &change)?),
+            )?;
+            if out.json {
+                out.json(&v);
+            } else {
+                let on = |b: bool| if b { "on" } else { "off" };
+                println!(
+                    "leave messages with holders: {} (kept up to {} hours)",
+                    on(v.use_holders),
+                    v.ttl_hours
+                );
+                println!(
+                    "hold for my contacts: {} ({} held now)",
+                    on(v.offer),
+                    v.held
                 );
             }
-            let tor = (!no_tor).then(|| tor_settings(dir, tor_config));
-            run_node(dir, listen, advertise, lan, compat, tor, out)
+            Ok(())
         }
         Cmd::Wipe { yes } => {
             if !Store::exists(dir) {
@@ -911,6 +972,45 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
     }
 }
 
+/// `coterie run` and `coterie serve`.
+fn run_with(dir: &Path, args: RunArgs, serve: bool, out: &Out) -> Result<(), Fail> {
+    let RunArgs {
+        listen,
+        advertise,
+        lan,
+        lan_period,
+        danger_xep0174_compat,
+        compat_port,
+        tor_config,
+        no_tor,
+    } = args;
+    if lan_period < 10 {
+        return Err(fail(2, "--lan-period must be at least 10 seconds"));
+    }
+    let lan = lan.then_some(coterie_node::runtime::LanSettings {
+        period_secs: lan_period,
+    });
+    let compat = danger_xep0174_compat.then_some(coterie_node::runtime::CompatSettings {
+        port: compat_port,
+        period_secs: lan_period,
+    });
+    if compat.is_some() {
+        eprintln!(
+            "DANGER: XEP-0174 compatibility mode. Your name is announced on the LAN in the clear, and chats with classic clients are NOT encrypted: anyone on the network can read them and pretend to be them. They are marked [cleartext]."
+        );
+    }
+    let tor = (!no_tor).then(|| tor_settings(dir, tor_config));
+    let launch = Launch {
+        listen,
+        advertise,
+        lan,
+        compat,
+        tor,
+        serve,
+    };
+    run_node(dir, launch, out)
+}
+
 /// `coterie` with no command: create the profile on first start, then run the node.
 fn start(dir: &Path, out: &Out) -> Result<(), Fail> {
     if !Store::exists(dir) {
@@ -928,7 +1028,15 @@ fn start(dir: &Path, out: &Out) -> Result<(), Fail> {
         run(Cmd::Init { name }, dir, out)?;
     }
     let tor = Some(tor_settings(dir, None));
-    run_node(dir, Vec::new(), Vec::new(), None, None, tor, out)
+    let launch = Launch {
+        listen: Vec::new(),
+        advertise: Vec::new(),
+        lan: None,
+        compat: None,
+        tor,
+        serve: false,
+    };
+    run_node(dir, launch, out)
 }
 
 /// arti keeps its state and cache inside the profile (one Tor identity,
@@ -949,15 +1057,26 @@ fn listen_addr(s: &str) -> Result<SocketAddr, String> {
     })
 }
 
-fn run_node(
-    dir: &Path,
-    mut listen: Vec<SocketAddr>,
+/// What a node is started with.
+struct Launch {
+    listen: Vec<SocketAddr>,
     advertise: Vec<String>,
     lan: Option<coterie_node::runtime::LanSettings>,
     compat: Option<coterie_node::runtime::CompatSettings>,
     tor: Option<transport::onion::TorSettings>,
-    out: &Out,
-) -> Result<(), Fail> {
+    /// `coterie serve`: hold for contacts.
+    serve: bool,
+}
+
+fn run_node(dir: &Path, launch: Launch, out: &Out) -> Result<(), Fail> {
+    let Launch {
+        mut listen,
+        advertise,
+        lan,
+        compat,
+        tor,
+        serve,
+    } = launch;
     if listen.is_empty() {
         listen.push(SocketAddr::from(([127, 0, 0, 1], 7474)));
     }
@@ -979,6 +1098,19 @@ fn run_node(
         ));
     }
     let store = open(dir)?;
+    if serve {
+        let change = ops::HoldChange {
+            offer: Some(true),
+            ..Default::default()
+        };
+        ops::holding(&store, &change)?;
+        if !out.json {
+            println!(
+                "Serving: this node holds sealed messages between its contacts while they are offline (it sees whom they are for and their size, never their text) for up to {} days.",
+                coterie_node::hold::MAX_TTL_SECS / 86_400
+            );
+        }
+    }
     let rt = runtime()?;
     rt.block_on(async {
         let cfg = NodeConfig { listen, advertise, control_socket: true, lan, compat, tor, ..Default::default() };

@@ -1,6 +1,7 @@
 //! # coterie-node
 pub mod bridge;
 pub mod group;
+pub mod hold;
 pub mod invite;
 pub mod omemo;
 pub mod ops;

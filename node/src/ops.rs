@@ -632,6 +632,59 @@ pub fn retention(store: &Store, days: Option<u32>) -> Result<u32, OpError> {
     Ok(p.retention_days)
 }
 
+/// A change to the offline-delivery settings (`None`: unchanged).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HoldChange {
+    /// Leave messages for offline contacts with holders.
+    pub use_holders: Option<bool>,
+    /// Hold for our contacts.
+    pub offer: Option<bool>,
+    /// How long what we leave is held, in hours.
+    pub ttl_hours: Option<u32>,
+}
+
+/// The offline-delivery settings and what this node holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HoldingView {
+    /// We leave messages for offline contacts with holders.
+    pub use_holders: bool,
+    /// We hold for our contacts.
+    pub offer: bool,
+    /// How long what we leave is held, in hours.
+    pub ttl_hours: u32,
+    /// Messages held here for contacts now.
+    pub held: u64,
+}
+
+/// `coterie holding`: shows, and with `change` sets, offline delivery.
+pub fn holding(store: &Store, change: &HoldChange) -> Result<HoldingView, OpError> {
+    let mut h = store.hold_settings()?;
+    if let Some(t) = change.ttl_hours {
+        let max = (crate::hold::MAX_TTL_SECS / 3600) as u32;
+        if t == 0 || t > max {
+            return Err(OpError::Usage(format!(
+                "--hours must be between 1 and {max} (holders keep nothing longer)"
+            )));
+        }
+        h.ttl_hours = t;
+    }
+    if let Some(u) = change.use_holders {
+        h.use_holders = u;
+    }
+    if let Some(o) = change.offer {
+        h.offer = o;
+    }
+    if change.use_holders.is_some() || change.offer.is_some() || change.ttl_hours.is_some() {
+        store.set_hold_settings(h)?;
+    }
+    Ok(HoldingView {
+        use_holders: h.use_holders,
+        offer: h.offer,
+        ttl_hours: h.ttl_hours,
+        held: store.held_count()?,
+    })
+}
+
 /// `coterie bridge set`: keeps the account (password included) in the
 /// profile record, which the store seals.
 /// The same account keeps its OMEMO identity and device (friends keep

@@ -75,6 +75,39 @@ pub struct Settings {
     pub padding: Padding,
     /// Random delay before messages leave.
     pub jitter: Jitter,
+    /// Offline delivery through contacts who hold (`docs/protocol.md` §7.5).
+    pub hold: HoldSettings,
+}
+
+/// Offline delivery held by others: both halves are off until the user
+/// turns them on (`coterie holding`); `coterie serve` offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HoldSettings {
+    /// Leave messages for an offline contact with mutual contacts who offer
+    /// to hold (they see who the message is for and its size, never its text).
+    pub use_holders: bool,
+    /// Hold sealed messages between our contacts for them.
+    pub offer: bool,
+    /// How long what we leave is held, in hours.
+    pub ttl_hours: u32,
+}
+
+impl Default for HoldSettings {
+    fn default() -> Self {
+        HoldSettings {
+            use_holders: false,
+            offer: false,
+            ttl_hours: (crate::hold::DEFAULT_TTL_SECS / 3600) as u32,
+        }
+    }
+}
+
+impl HoldSettings {
+    /// The expiry we ask holders for, in seconds.
+    pub fn ttl_secs(&self) -> u64 {
+        (u64::from(self.ttl_hours) * 3600).clamp(3600, crate::hold::MAX_TTL_SECS)
+    }
 }
 
 impl Default for Settings {
@@ -87,6 +120,7 @@ impl Default for Settings {
             compat: false,
             padding: Padding::Standard,
             jitter: Jitter::Off,
+            hold: HoldSettings::default(),
         }
     }
 }
@@ -113,5 +147,7 @@ mod tests {
             serde_json::from_str(r#"{"padding":"strong"}"#).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.padding, Padding::Strong);
         assert!(!s.lan && s.tor && !s.compat);
+        assert!(!s.hold.use_holders && !s.hold.offer);
+        assert_eq!(s.hold.ttl_secs(), crate::hold::DEFAULT_TTL_SECS);
     }
 }

@@ -503,7 +503,9 @@ pub fn message_for(friend: &BareJid, st: &OutStanza) -> Option<Message> {
             crate::stream::session::encrypted_message(id, omemo, false)?
         }
         // Never in the clear; no groups over the bridge.
-        OutStanza::Chat { omemo: None, .. } | OutStanza::Group { .. } => return None,
+        OutStanza::Chat { omemo: None, .. } | OutStanza::Group { .. } | OutStanza::Hold { .. } => {
+            return None;
+        }
         OutStanza::Receipt { id, of } => crate::stream::session::receipt_message(id, of),
     };
     m.to = Some(Jid::from(friend.clone()));

@@ -18,6 +18,8 @@ use super::{OmemoError, Result};
 pub const NS_SCE: &str = "urn:xmpp:sce:1";
 /// Coterie's group traffic inside an envelope (`docs/protocol.md` §7.4).
 pub const NS_GROUP: &str = "urn:coterie:group:0";
+/// Coterie's offline-delivery traffic inside an envelope (§7.5).
+pub const NS_HOLD: &str = "urn:coterie:hold:0";
 
 /// What an envelope carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +28,8 @@ pub enum Content {
     Body(String),
     /// A group frame (protobuf), base64 in a `<group/>` element.
     Group(Vec<u8>),
+    /// A hold frame (protobuf), base64 in a `<hold/>` element.
+    Hold(Vec<u8>),
 }
 
 impl Content {
@@ -38,22 +42,35 @@ impl Content {
             Content::Group(f) => Element::builder("group", NS_GROUP)
                 .append(data_encoding::BASE64.encode(f))
                 .build(),
+            Content::Hold(f) => Element::builder("hold", NS_HOLD)
+                .append(data_encoding::BASE64.encode(f))
+                .build(),
         }
     }
 
-    /// Reads a `<group/>` element, as serialized (OMEMO 0.3 carries it as
-    /// its whole plaintext).
-    pub fn group_from_xml(text: &str) -> Option<Vec<u8>> {
-        if !text.starts_with("<group") {
+    /// Reads a `<group/>` or `<hold/>` element, as serialized (OMEMO 0.3
+    /// carries it as its whole plaintext).
+    pub fn frame_from_xml(text: &str) -> Option<Content> {
+        if !text.starts_with("<group") && !text.starts_with("<hold") {
             return None;
         }
         let el: Element = text.parse().ok()?;
-        group_of(&el)
+        frame_of(&el)
     }
 }
 
-fn group_of(el: &Element) -> Option<Vec<u8>> {
-    if !el.is("group", NS_GROUP) || el.children().next().is_some() {
+fn frame_of(el: &Element) -> Option<Content> {
+    if el.is("group", NS_GROUP) {
+        bytes_of(el).map(Content::Group)
+    } else if el.is("hold", NS_HOLD) {
+        bytes_of(el).map(Content::Hold)
+    } else {
+        None
+    }
+}
+
+fn bytes_of(el: &Element) -> Option<Vec<u8>> {
+    if el.children().next().is_some() {
         return None;
     }
     data_encoding::BASE64
@@ -136,10 +153,13 @@ pub fn open_content(bytes: &[u8], expected_from: &str) -> Result<Option<Content>
     if let Some(b) = content.get_child("body", NS_CLIENT) {
         return Ok(Some(Content::Body(b.text())));
     }
-    match content.get_child("group", NS_GROUP) {
-        Some(g) => group_of(g)
-            .map(|f| Some(Content::Group(f)))
-            .ok_or(OmemoError::Malformed("envelope: group frame")),
+    match content
+        .children()
+        .find(|c| c.is("group", NS_GROUP) || c.is("hold", NS_HOLD))
+    {
+        Some(f) => frame_of(f)
+            .map(Some)
+            .ok_or(OmemoError::Malformed("envelope: frame")),
         None => Ok(None),
     }
 }
@@ -175,8 +195,21 @@ mod tests {
         // Not a body.
         assert_eq!(open(&e, "a@b.onion").expect("open"), None);
         let xml = String::from(&Content::Group(frame.clone()).element());
-        assert_eq!(Content::group_from_xml(&xml), Some(frame));
-        assert_eq!(Content::group_from_xml("hello"), None);
+        assert_eq!(
+            Content::frame_from_xml(&xml),
+            Some(Content::Group(frame.clone()))
+        );
+        assert_eq!(Content::frame_from_xml("hello"), None);
+        let hold = Content::Hold(frame.clone());
+        let e = seal_content(&hold, "a@b.onion", &mut rng);
+        assert_eq!(
+            open_content(&e, "a@b.onion").expect("open"),
+            Some(hold.clone())
+        );
+        assert_eq!(
+            Content::frame_from_xml(&String::from(&hold.element())),
+            Some(hold)
+        );
         let bad = "<envelope xmlns='urn:xmpp:sce:1'><content><group xmlns='urn:coterie:group:0'>!!</group></content><from jid='a@b'/></envelope>";
         assert!(open_content(bad.as_bytes(), "a@b").is_err());
     }

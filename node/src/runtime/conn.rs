@@ -700,6 +700,7 @@ async fn run_session(
     .await;
     unregister(&shared, contact, conn_id);
     super::groups::disconnected(&shared, contact).await;
+    super::hold::disconnected(&shared, contact);
     match &result {
         Ok(()) => tracing::debug!(peer = %peer.short(), "session ended"),
         Err(e) => tracing::info!(peer = %peer.short(), "session ended: {e}"),
@@ -965,6 +966,7 @@ async fn handle_event(
             session.send_candidates(&shared.reachable_at());
             announce(shared, session).await?;
             super::groups::connected(shared, contact).await;
+            super::hold::connected(shared, contact).await;
             send_outbox(shared, session, contact, flow).await?;
         }
         Event::Stanzas(items) => store_batch(shared, session, contact, flow, None, items).await?,
@@ -1066,6 +1068,7 @@ async fn store_batch(
     if !res.group_frames.is_empty() {
         super::groups::frames(shared, contact, res.group_frames).await;
     }
+    super::hold::received(shared, contact, res.hold).await;
     if res.queued_stanzas || ack.is_some() {
         send_outbox(shared, session, contact, flow).await?;
     }

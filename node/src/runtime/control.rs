@@ -73,6 +73,11 @@ pub enum Request {
         /// New value, if setting.
         days: Option<u32>,
     },
+    /// Show or change offline delivery through holders.
+    Holding {
+        /// What to change.
+        change: crate::ops::HoldChange,
+    },
     /// Set the bridge's account (replacing any) and start it.
     BridgeSet {
         /// The account.
@@ -338,6 +343,9 @@ async fn dispatch(shared: &Arc<Shared>, req: Request, stop: &watch::Sender<bool>
             }
             Request::Retention { days } => {
                 json(db(&shared.store, move |s| ops::retention(s, days)).await??)
+            }
+            Request::Holding { change } => {
+                json(db(&shared.store, move |s| ops::holding(s, &change)).await??)
             }
             Request::Fingerprints { contact } => {
                 json(db(&shared.store, move |s| ops::fingerprints(s, &contact)).await??)

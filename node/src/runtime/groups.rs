@@ -377,7 +377,7 @@ pub(crate) async fn tick(shared: &Arc<Shared>) {
 }
 
 /// Contacts with a resumed session now.
-fn live_contacts(shared: &Shared) -> Vec<u64> {
+pub(crate) fn live_contacts(shared: &Shared) -> Vec<u64> {
     shared
         .conns
         .lock()

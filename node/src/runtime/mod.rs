@@ -15,6 +15,7 @@ pub mod compat;
 mod conn;
 pub mod control;
 pub mod groups;
+mod hold;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -212,6 +213,8 @@ pub(crate) struct Shared {
     pub(crate) bridge: Mutex<Option<crate::bridge::session::Bridge>>,
     /// Groups (loaded on first use).
     pub(crate) groups: groups::Groups,
+    /// Offline delivery through holders.
+    pub(crate) holding: hold::Holding,
 }
 
 #[derive(Debug)]
@@ -503,6 +506,7 @@ impl Node {
             jitter: profile.settings.jitter,
             bridge: Mutex::new(None),
             groups: groups::Groups::default(),
+            holding: hold::Holding::default(),
         });
         shared.refresh_policy().await;
         if let Some(d) = &shared.cfg.discovery {
@@ -601,6 +605,7 @@ impl Node {
         tasks.spawn(conn::dial_manager(shared.clone()));
         tasks.spawn(retention_loop(shared.clone()));
         tasks.spawn(group_loop(shared.clone()));
+        tasks.spawn(hold_loop(shared.clone()));
         if let Some(acct) = profile.bridge.clone() {
             shared.restart_bridge(Some(acct)).await;
         }
@@ -814,6 +819,17 @@ async fn group_loop(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(groups::TICK) => groups::tick(&shared).await,
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Offline delivery: offers, deposits, expiry.
+async fn hold_loop(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(hold::TICK) => hold::tick(&shared).await,
             _ = shutdown.changed() => return,
         }
     }

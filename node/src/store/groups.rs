@@ -190,7 +190,8 @@ impl Store {
                 let omemo = match own.and_then(|o| o.ctx(*peer)) {
                     Some(ctx) => {
                         let mut enc = Encryptor::open(self, &tx, *contact, &ctx)?;
-                        let el = enc.encrypt_group(frame);
+                        let el =
+                            enc.encrypt_content(&crate::omemo::sce::Content::Group(frame.clone()));
                         enc.save(self, &tx, *contact)?;
                         el
                     }

@@ -10,6 +10,7 @@
 
 pub mod crypto;
 pub mod groups;
+pub mod held;
 pub mod model;
 pub mod omemo;
 
@@ -21,6 +22,7 @@ use zeroize::Zeroizing;
 
 use crate::store::crypto::{DataKey, KdfParams, KeyError};
 pub use crate::store::groups::{GroupPostRow, GroupRow, GroupWrite};
+pub use crate::store::held::{Deposits, HoldChanges};
 pub use crate::store::model::*;
 pub use crate::store::omemo::{Learned, OmemoCtx, Outbox, OwnOmemo};
 
@@ -488,10 +490,15 @@ impl Store {
             existed = t.remove(id).ctx("remove contact")?.is_some();
             let mut p = tx.open_table(PEERS).ctx("open peers")?;
             p.remove(id).ctx("remove peer state")?;
-            for table in [MESSAGES, OUTBOX] {
+            for table in [MESSAGES, OUTBOX, held::HELD] {
                 let mut m = tx.open_table(table).ctx("open messages")?;
                 m.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
                     .ctx("remove messages")?;
+            }
+            for table in [held::SEEN, held::HELD_IDS] {
+                let mut t = tx.open_table(table).ctx("open seen")?;
+                t.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
+                    .ctx("remove seen ids")?;
             }
             omemo::forget_contact(&tx, id)?;
         }
@@ -889,6 +896,21 @@ impl Store {
         ctx: Option<&OmemoCtx>,
     ) -> Result<Received, StoreError> {
         let mut res = Received::default();
+        // A message already received (through a holder, §7.5) is counted
+        // and not decrypted again: shown once whichever way it came.
+        let seen = self.seen_in(tx, contact, items)?;
+        let unseen: Vec<Incoming>;
+        let items = if seen.contains(&true) {
+            unseen = items
+                .iter()
+                .zip(&seen)
+                .map(|(i, s)| if *s { Incoming::Other } else { i.clone() })
+                .collect();
+            &unseen[..]
+        } else {
+            items
+        };
+        let mut holds = Vec::new();
         let decrypted = match ctx {
             Some(ctx) => self.decrypt_batch(tx, contact, ctx, items, now_ms, &mut res)?,
             None => items.iter().map(|_| None).collect(),
@@ -899,14 +921,20 @@ impl Store {
             let mut st = self.peer_state_in(&peers, contact)?;
             let mut mt = tx.open_table(MESSAGES).ctx("open messages")?;
             let mut ot = tx.open_table(OUTBOX).ctx("open outbox")?;
+            let mut seen_t = tx.open_table(held::SEEN).ctx("open seen")?;
             for item in items {
                 st.in_h += 1;
                 let dec = decrypted.next().flatten();
                 // Group traffic is the group layer's to handle (after this
                 // transaction); it is not a message and gets no receipt.
+                // Hold frames are handled below, in this transaction.
                 let dec = match dec {
                     Some(omemo::Decrypted::Group(frame)) => {
                         res.group_frames.push(frame);
+                        continue;
+                    }
+                    Some(omemo::Decrypted::Hold(frame)) => {
+                        holds.push(frame);
                         continue;
                     }
                     other => other,
@@ -944,6 +972,9 @@ impl Store {
                     st.next_seq = seq + 1;
                     let m = omemo::message_of(d, seq, id, now_ms);
                     self.put_message(&mut mt, contact, &m)?;
+                    if m.undecryptable.is_none() {
+                        self.mark_seen(&mut seen_t, contact, id, now_ms)?;
+                    }
                     res.new_messages.push(seq);
                     // No receipt for what the user cannot read.
                     if wants_receipt && m.undecryptable.is_none() {
@@ -970,6 +1001,9 @@ impl Store {
             }
             self.put_peer_state(&mut peers, contact, &st)?;
             res.h = st.in_h;
+        }
+        if !holds.is_empty() {
+            self.hold_frames_in(tx, contact, holds, now_ms, ctx, &mut res)?;
         }
         Ok(res)
     }
@@ -1070,6 +1104,8 @@ impl Store {
                     n += 1;
                 }
             }
+            let mut seen = tx.open_table(held::SEEN).ctx("open seen")?;
+            seen.retain(|_, at| at >= cutoff).ctx("prune seen ids")?;
         }
         tx.commit().ctx("commit")?;
         Ok(n)
@@ -1128,6 +1164,8 @@ pub struct Received {
     pub bundle_changed: bool,
     /// Group frames that came in this batch, in order.
     pub group_frames: Vec<Vec<u8>>,
+    /// What hold frames in this batch changed.
+    pub hold: HoldChanges,
 }
 
 /// Destroys the profile in `dir`: overwrites the store file with random

@@ -189,6 +189,17 @@ pub enum OutStanza {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         omemo: Option<String>,
     },
+    /// A hold frame (`docs/protocol.md` §7.5) for this contact: an offer,
+    /// a deposit or a held message, sent OMEMO-encrypted, without a receipt.
+    Hold {
+        /// Stanza id.
+        id: String,
+        /// The frame, base64.
+        frame: String,
+        /// The `<encrypted/>` element, once encrypted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        omemo: Option<String>,
+    },
     /// A delivery receipt for one of their messages.
     Receipt {
         /// Stanza id of the receipt itself.
@@ -203,6 +214,56 @@ impl OutStanza {
     pub fn is_chat(&self) -> bool {
         matches!(self, OutStanza::Chat { .. })
     }
+
+    /// What still has to be encrypted: the content of a chat, group or
+    /// hold stanza not yet encrypted.
+    pub fn pending_content(&self) -> Option<crate::omemo::sce::Content> {
+        use crate::omemo::sce::Content;
+        let frame = |f: &str| {
+            data_encoding::BASE64
+                .decode(f.as_bytes())
+                .unwrap_or_default()
+        };
+        match self {
+            OutStanza::Chat {
+                body, omemo: None, ..
+            } => Some(Content::Body(body.clone())),
+            OutStanza::Group {
+                frame: f,
+                omemo: None,
+                ..
+            } => Some(Content::Group(frame(f))),
+            OutStanza::Hold {
+                frame: f,
+                omemo: None,
+                ..
+            } => Some(Content::Hold(frame(f))),
+            _ => None,
+        }
+    }
+
+    /// This stanza with its `<encrypted/>` element.
+    pub fn encrypted(self, el: String) -> OutStanza {
+        match self {
+            OutStanza::Chat { id, body, seq, .. } => OutStanza::Chat {
+                id,
+                body,
+                seq,
+                omemo: Some(el),
+            },
+            OutStanza::Group { id, frame, .. } => OutStanza::Group {
+                id,
+                frame,
+                omemo: Some(el),
+            },
+            OutStanza::Hold { id, frame, .. } => OutStanza::Hold {
+                id,
+                frame,
+                omemo: Some(el),
+            },
+            other => other,
+        }
+    }
 }
 
 impl std::fmt::Debug for OutStanza {
@@ -212,6 +273,7 @@ impl std::fmt::Debug for OutStanza {
             OutStanza::Receipt { .. } => f.write_str("Receipt"),
             OutStanza::KeyTransport { .. } => f.write_str("KeyTransport"),
             OutStanza::Group { .. } => f.write_str("Group"),
+            OutStanza::Hold { .. } => f.write_str("Hold"),
         }
     }
 }

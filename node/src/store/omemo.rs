@@ -54,6 +54,18 @@ pub struct OmemoCtx {
     pub own_row: u64,
 }
 
+impl OmemoCtx {
+    /// The same conversation context for another contact, key `pinned`.
+    pub fn for_peer(&self, pinned: [u8; 32]) -> Option<OmemoCtx> {
+        let peer = transport::PeerId::from_bytes(pinned).ok()?;
+        Some(OmemoCtx {
+            peer_jid: peer.onion_address(),
+            pinned,
+            ..self.clone()
+        })
+    }
+}
+
 /// Row of our device (the node's identity).
 pub const OWN_DEVICE_ROW: u64 = 0;
 /// Row of the bridge account's device: a separate identity, so the XMPP
@@ -262,6 +274,24 @@ impl Store {
             Some(v) => self.open_json("omemo", &k64(contact), v.value()),
             None => Ok(PeerOmemo::default()),
         }
+    }
+
+    /// Whether `element` comes from a trusted device `contact` already
+    /// has: what a message passed on by a holder must be before it is
+    /// decrypted (its sender is only claimed, and a first message from an
+    /// unknown device would use up one of our prekeys).
+    pub(super) fn is_from_known_device_in(
+        &self,
+        tx: &redb::WriteTransaction,
+        contact: u64,
+        element: &minidom::Element,
+    ) -> Result<bool, StoreError> {
+        let Ok(parsed) = EncryptedElement::parse(element, MAX_PAYLOAD) else {
+            return Ok(false);
+        };
+        let t = tx.open_table(OMEMO).ctx("open omemo")?;
+        let p = self.peer_omemo_in(&t, contact)?;
+        Ok(p.device(parsed.sid).is_some_and(|d| d.trust.trusted()))
     }
 
     fn bundles_in(
@@ -495,12 +525,7 @@ impl Store {
         ctx: &OmemoCtx,
     ) -> Result<Outbox, StoreError> {
         let items = self.outbox_after(contact, after, limit)?;
-        let needs = items.iter().any(|(_, s)| {
-            matches!(
-                s,
-                OutStanza::Chat { omemo: None, .. } | OutStanza::Group { omemo: None, .. }
-            )
-        });
+        let needs = items.iter().any(|(_, s)| s.pending_content().is_some());
         if !needs {
             return Ok(Outbox {
                 items,
@@ -518,61 +543,20 @@ impl Store {
             let mut waiting = false;
             let targets = p.targets();
             for (n, st) in items {
-                let st = match st {
-                    OutStanza::Chat {
-                        id,
-                        body,
-                        seq,
-                        omemo: None,
-                    } => {
-                        let Some((v, devices)) = targets.clone() else {
+                let st = match st.pending_content() {
+                    Some(content) => {
+                        let el = targets.as_ref().and_then(|(v, devices)| {
+                            encrypt_for(&mut p, ctx, *v, devices, Some(&content), &mut rng)
+                        });
+                        let Some(el) = el else {
                             waiting = true;
                             break;
                         };
-                        let content = sce::Content::Body(body.clone());
-                        let Some(el) =
-                            encrypt_for(&mut p, ctx, v, &devices, Some(&content), &mut rng)
-                        else {
-                            waiting = true;
-                            break;
-                        };
-                        let st = OutStanza::Chat {
-                            id,
-                            body,
-                            seq,
-                            omemo: Some(el),
-                        };
+                        let st = st.encrypted(el);
                         self.put_out(&mut ot, contact, n, &st)?;
                         st
                     }
-                    OutStanza::Group {
-                        id,
-                        frame,
-                        omemo: None,
-                    } => {
-                        let Some((v, devices)) = targets.clone() else {
-                            waiting = true;
-                            break;
-                        };
-                        let bytes = data_encoding::BASE64
-                            .decode(frame.as_bytes())
-                            .unwrap_or_default();
-                        let content = sce::Content::Group(bytes);
-                        let Some(el) =
-                            encrypt_for(&mut p, ctx, v, &devices, Some(&content), &mut rng)
-                        else {
-                            waiting = true;
-                            break;
-                        };
-                        let st = OutStanza::Group {
-                            id,
-                            frame,
-                            omemo: Some(el),
-                        };
-                        self.put_out(&mut ot, contact, n, &st)?;
-                        st
-                    }
-                    other => other,
+                    None => st,
                 };
                 ready.push((n, st));
             }
@@ -674,9 +658,8 @@ impl Store {
                         }
                         (Version::V03, Some(pt)) => String::from_utf8(pt)
                             .map_err(|_| OmemoError::Malformed("UTF-8 body"))
-                            .map(|b| match sce::Content::group_from_xml(&b) {
-                                Some(f) => sce::Content::Group(f),
-                                None => sce::Content::Body(b),
+                            .map(|b| {
+                                sce::Content::frame_from_xml(&b).unwrap_or(sce::Content::Body(b))
                             }),
                         (Version::V2, Some(pt)) => sce::open_content(&pt, &ctx.peer_jid)
                             .and_then(|b| b.ok_or(OmemoError::Malformed("envelope without body"))),
@@ -687,6 +670,7 @@ impl Store {
                             unverified: !verified,
                         },
                         Ok(sce::Content::Group(frame)) => Decrypted::Group(frame),
+                        Ok(sce::Content::Hold(frame)) => Decrypted::Hold(frame),
                         Err(e) => {
                             tracing::warn!(
                                 "an OMEMO message from a contact had a bad envelope: {e}"
@@ -755,6 +739,8 @@ pub(super) enum Decrypted {
     Failed(OmemoError),
     /// A group frame (self-authenticating: its items are signed).
     Group(Vec<u8>),
+    /// A hold frame.
+    Hold(Vec<u8>),
 }
 
 /// Encrypts for `devices` in version `v` (starting sessions from bundles as
@@ -862,29 +848,19 @@ impl<'c> Encryptor<'c> {
     /// The `<encrypted/>` XML for `body`, or `None` if it cannot be
     /// encrypted now (it will be when first sent).
     pub(super) fn encrypt(&mut self, body: &str) -> Option<String> {
-        let (v, devices) = self.targets.clone()?;
-        let el = encrypt_for(
-            &mut self.peer,
-            self.ctx,
-            v,
-            &devices,
-            Some(&sce::Content::Body(body.to_string())),
-            &mut rand::rngs::OsRng,
-        )?;
-        self.changed = true;
-        Some(el)
+        self.encrypt_content(&sce::Content::Body(body.to_string()))
     }
 
-    /// The `<encrypted/>` XML for a group frame, or `None` if it cannot be
+    /// The `<encrypted/>` XML for `content`, or `None` if it cannot be
     /// encrypted now (it will be when first sent).
-    pub(super) fn encrypt_group(&mut self, frame: &[u8]) -> Option<String> {
+    pub(super) fn encrypt_content(&mut self, content: &sce::Content) -> Option<String> {
         let (v, devices) = self.targets.clone()?;
         let el = encrypt_for(
             &mut self.peer,
             self.ctx,
             v,
             &devices,
-            Some(&sce::Content::Group(frame.to_vec())),
+            Some(content),
             &mut rand::rngs::OsRng,
         )?;
         self.changed = true;
@@ -911,7 +887,9 @@ pub(super) fn message_of(d: Decrypted, seq: u64, id: &str, now_ms: u64) -> Messa
         Decrypted::Body { body, unverified } => (body, unverified, None),
         Decrypted::Failed(e) => (String::new(), false, Some(e.to_string())),
         // Not a message: handled before rows are made.
-        Decrypted::Group(_) => (String::new(), false, Some("group frame".into())),
+        Decrypted::Group(_) | Decrypted::Hold(_) => {
+            (String::new(), false, Some("not a message".into()))
+        }
     };
     Message {
         seq,

@@ -573,9 +573,16 @@ impl Session {
                 id,
                 omemo: Some(omemo),
                 ..
+            }
+            | OutStanza::Hold {
+                id,
+                omemo: Some(omemo),
+                ..
             } => encode_encrypted(id, omemo, stanza.is_chat()),
             // Never sent in the clear: the runtime encrypts before sending.
-            OutStanza::Chat { omemo: None, .. } | OutStanza::Group { omemo: None, .. } => None,
+            OutStanza::Chat { omemo: None, .. }
+            | OutStanza::Group { omemo: None, .. }
+            | OutStanza::Hold { omemo: None, .. } => None,
             OutStanza::Receipt { id, of } => write_el(&Element::from(receipt_message(id, of))),
         };
         // A stanza that cannot be encoded (only possible for data stored by
