@@ -263,7 +263,7 @@ enum HoldingCmd {
     /// offer to hold (they learn who it is for and its size, never its
     /// text): `on` or `off`.
     Use {
-        #[arg(value_parser = on_off)]
+        #[arg(value_parser = on_off, action = clap::ArgAction::Set)]
         state: bool,
         /// How long holders keep what you leave, in hours (1 to 336).
         #[arg(long)]
@@ -271,7 +271,7 @@ enum HoldingCmd {
     },
     /// Hold sealed messages between your contacts for them: `on` or `off`.
     Offer {
-        #[arg(value_parser = on_off)]
+        #[arg(value_parser = on_off, action = clap::ArgAction::Set)]
         state: bool,
     },
 }
@@ -1410,5 +1410,26 @@ fn print_bridge(b: &coterie_node::bridge::BridgeStatus) {
     }
     if let Some(s) = b.retry_in {
         println!("  next attempt in {s}s");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn holding_takes_on_or_off() {
+        let p = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
+        assert!(p(&["coterie", "holding", "use", "on", "--hours", "48"]).is_ok());
+        assert!(p(&["coterie", "holding", "offer", "off"]).is_ok());
+        let e = p(&["coterie", "holding", "use", "yes"]).expect_err("yes is not on/off");
+        assert!(e.to_string().contains("say on or off"), "{e}");
+        assert!(p(&["coterie", "serve", "--no-tor"]).is_ok());
     }
 }

@@ -100,6 +100,8 @@ pub struct NodeProc {
     pub netns: Option<netns::Host>,
     /// Extra environment for `coterie run`.
     pub env: Vec<(String, String)>,
+    /// Start with `coterie serve` (holding for contacts) instead of `run`.
+    pub serve: bool,
 }
 
 /// What a CLI call returned.
@@ -125,6 +127,7 @@ impl NodeProc {
             child: None,
             netns: None,
             env: Vec::new(),
+            serve: false,
         };
         let out = n.cli(&["init", "--name", name]);
         assert_eq!(out.code, 0, "init failed: {}", out.stderr);
@@ -141,6 +144,7 @@ impl NodeProc {
             child: None,
             netns: None,
             env: Vec::new(),
+            serve: false,
         }
     }
 
@@ -200,7 +204,8 @@ impl NodeProc {
             .arg("--profile")
             .arg(&self.dir)
             .arg("--json")
-            .args(["run", "--listen", &format!("{host}:{}", self.port)])
+            .arg(if self.serve { "serve" } else { "run" })
+            .args(["--listen", &format!("{host}:{}", self.port)])
             .args(extra)
             // Never arti's defaults on these machines (they would reach the
             // public Tor network): Tor only with the private network's file.
