@@ -584,8 +584,13 @@ async fn on_node(o: &Open, cmd: Command, out: &Out) -> Result<(), String> {
             })
             .await?
             .map_err(op_error)?;
+            // Holding applies at once (the node reads it every second).
+            let restart_needed = Settings {
+                hold: old.hold,
+                ..settings.clone()
+            } != old;
             out.send(Action::SettingsSaved {
-                restart_needed: old != settings,
+                restart_needed,
                 settings,
                 retention,
             });

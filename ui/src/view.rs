@@ -823,6 +823,17 @@ impl App {
                 ui.radio_value(&mut form.s.jitter, j, text);
             }
             ui.separator();
+            ui.label(RichText::new("Messages for contacts who are offline").strong());
+            ui.label("A holder is a contact of both of you (a friend, or an always-on box running `coterie serve`). It keeps only the encrypted message; it sees whom it is for, when and how big.");
+            ui.checkbox(
+                &mut form.s.hold.use_holders,
+                "Leave my messages for offline contacts with holders",
+            );
+            labelled(ui, "Holders keep them for (hours)", |ui| {
+                ui.add(egui::DragValue::new(&mut form.s.hold.ttl_hours).range(1..=336))
+            });
+            ui.checkbox(&mut form.s.hold.offer, "Hold messages between my contacts for them");
+            ui.separator();
             ui.label(RichText::new("Network (applies at the next start)").strong());
             ui.checkbox(&mut form.s.tor, "Tor: be reachable as an onion service, reach contacts from anywhere");
             labelled(ui, "Tor configuration file (arti TOML, for bridges)", |ui| {

@@ -403,6 +403,10 @@ fn settings_are_saved_and_wipe_needs_its_confirmation() {
     click(&mut h, "Light: up to 0.3 s before a message leaves");
     click(
         &mut h,
+        "Leave my messages for offline contacts with holders",
+    );
+    click(
+        &mut h,
         "XEP-0174 compatibility with classic clients (DANGEROUS)",
     );
     assert!(
@@ -442,6 +446,7 @@ fn settings_are_saved_and_wipe_needs_its_confirmation() {
     });
     let (s, _) = h.state().state.settings.clone().unwrap_or_default();
     assert_eq!(s.jitter, node::settings::Jitter::Light);
+    assert!(s.hold.use_holders && !s.hold.offer);
     assert_eq!(s.listen, ["127.0.0.1:7475"]);
     assert!(!s.compat);
     assert!(h.state().state.restart_needed);
