@@ -215,6 +215,8 @@ pub(crate) struct Shared {
     pub(crate) groups: groups::Groups,
     /// Offline delivery through holders.
     pub(crate) holding: hold::Holding,
+    /// Serializes [`Shared::refresh_policy`].
+    pub(crate) refresh_lock: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -334,6 +336,12 @@ impl Shared {
     }
 
     pub(crate) async fn refresh_policy(&self) {
+        // One refresh at a time, each reading the store after the previous
+        // one wrote: two running at once could otherwise finish out of
+        // order, the older snapshot last (a contact just added missing from
+        // the map, so a group's welcome to them dropped; a used invite's
+        // gate key back for a moment).
+        let _one = self.refresh_lock.lock().await;
         let now = crate::ops::now_secs();
         let store = self.store.clone();
         let res = db(&store, move |s| -> Result<_, crate::store::StoreError> {
@@ -507,6 +515,7 @@ impl Node {
             bridge: Mutex::new(None),
             groups: groups::Groups::default(),
             holding: hold::Holding::default(),
+            refresh_lock: tokio::sync::Mutex::new(()),
         });
         shared.refresh_policy().await;
         if let Some(d) = &shared.cfg.discovery {

@@ -17,6 +17,8 @@ pub(super) const HELD: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new
 /// The same deposits by (recipient contact, index of sender and id) → n:
 /// one copy of each.
 pub(super) const HELD_IDS: TableDefinition<(u64, u64), u64> = TableDefinition::new("held_ids");
+/// How many deposits each sender has here: index of the sender's key → count.
+const HELD_BY: TableDefinition<u64, u64> = TableDefinition::new("held_by");
 /// Ids of messages received: (contact, index of the id) → when (ms).
 pub(super) const SEEN: TableDefinition<(u64, u64), u64> = TableDefinition::new("seen_ids");
 
@@ -24,7 +26,7 @@ pub(super) const SEEN: TableDefinition<(u64, u64), u64> = TableDefinition::new("
 const MAX_HELD_TAGS: usize = 128;
 
 #[derive(Serialize, Deserialize)]
-struct HeldRow {
+pub(super) struct HeldRow {
     from: [u8; 32],
     id: String,
     element: String,
@@ -71,6 +73,28 @@ fn active_by_key<'a>(contacts: &'a [Contact], key: &[u8; 32]) -> Option<&'a Cont
         .find(|c| c.peer == *key && c.state == ContactState::Active)
 }
 
+/// Adds `delta` to the count of deposits from `from`.
+fn count_by(
+    store: &Store,
+    t: &mut redb::Table<u64, u64>,
+    from: &[u8; 32],
+    delta: i64,
+) -> Result<u64, StoreError> {
+    let k = store.key.index_of("held by", from);
+    let n = t
+        .get(k)
+        .ctx("read held counts")?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    let n = n.saturating_add_signed(delta);
+    if n == 0 {
+        t.remove(k).ctx("write held counts")?;
+    } else {
+        t.insert(k, n).ctx("write held counts")?;
+    }
+    Ok(n)
+}
+
 impl Store {
     /// The offline-delivery settings.
     pub fn hold_settings(&self) -> Result<HoldSettings, StoreError> {
@@ -107,12 +131,14 @@ impl Store {
                 let (c, i) = k.value();
                 let r: HeldRow = self.open_json("held", &k128(c, i), v.value())?;
                 if r.expires <= now_s {
-                    doomed.push(((c, i), r.idx));
+                    doomed.push(((c, i), r.idx, r.from));
                 }
             }
-            for (k, idx) in doomed {
+            let mut by = tx.open_table(HELD_BY).ctx("open held counts")?;
+            for (k, idx, from) in doomed {
                 t.remove(k).ctx("drop held")?;
                 ids.remove((k.0, idx)).ctx("drop held id")?;
+                count_by(self, &mut by, &from, -1)?;
                 n += 1;
             }
         }
@@ -133,40 +159,51 @@ impl Store {
             return Ok(0);
         };
         let tx = self.db.begin_write().ctx("write")?;
-        let mut frames = Vec::new();
-        {
-            let mut t = tx.open_table(HELD).ctx("open held")?;
-            let mut ids = tx.open_table(HELD_IDS).ctx("open held ids")?;
-            ids.retain_in((contact, 0)..=(contact, u64::MAX), |_, _| false)
-                .ctx("release held ids")?;
-            let mut keys = Vec::new();
-            for row in t
-                .range((contact, 0)..=(contact, u64::MAX))
-                .ctx("read held")?
-            {
-                let (k, v) = row.ctx("read held")?;
-                let (c, i) = k.value();
-                let r: HeldRow = self.open_json("held", &k128(c, i), v.value())?;
-                keys.push((c, i));
-                if r.expires > now_s {
-                    frames.push(
-                        Frame::Held {
-                            from: r.from,
-                            id: r.id,
-                            element: r.element,
-                        }
-                        .encode(),
-                    );
+        let frames: Vec<Vec<u8>> = self
+            .take_held_in(&tx, contact)?
+            .into_iter()
+            .filter(|r| r.expires > now_s)
+            .map(|r| {
+                Frame::Held {
+                    from: r.from,
+                    id: r.id,
+                    element: r.element,
                 }
-            }
-            for k in keys {
-                t.remove(k).ctx("release held")?;
-            }
-        }
+                .encode()
+            })
+            .collect();
         let n = frames.len();
         self.queue_hold_in(&tx, contact, &frames, &ctx)?;
         tx.commit().ctx("commit")?;
         Ok(n)
+    }
+
+    /// Removes and returns everything held for `contact`, in order.
+    pub(super) fn take_held_in(
+        &self,
+        tx: &redb::WriteTransaction,
+        contact: u64,
+    ) -> Result<Vec<HeldRow>, StoreError> {
+        let mut t = tx.open_table(HELD).ctx("open held")?;
+        let mut ids = tx.open_table(HELD_IDS).ctx("open held ids")?;
+        let mut by = tx.open_table(HELD_BY).ctx("open held counts")?;
+        let mut rows = Vec::new();
+        for row in t
+            .range((contact, 0)..=(contact, u64::MAX))
+            .ctx("read held")?
+        {
+            let (k, v) = row.ctx("read held")?;
+            let (c, i) = k.value();
+            rows.push(self.open_json::<HeldRow>("held", &k128(c, i), v.value())?);
+        }
+        t.retain_in((contact, 0)..=(contact, u64::MAX), |_, _| false)
+            .ctx("take held")?;
+        ids.retain_in((contact, 0)..=(contact, u64::MAX), |_, _| false)
+            .ctx("take held ids")?;
+        for r in &rows {
+            count_by(self, &mut by, &r.from, -1)?;
+        }
+        Ok(rows)
     }
 
     /// Queues hold frames for `contact` (key `peer`), encrypted.
@@ -406,20 +443,14 @@ impl Store {
         if ids.get((rcpt, idx)).ctx("read held ids")?.is_some() {
             return Ok(());
         }
-        let total = t.len().ctx("count held")? as usize;
-        let mut mine = 0usize;
-        if total >= hold::MAX_PER_SENDER {
-            for row in t.iter().ctx("read held")? {
-                let (k, v) = row.ctx("read held")?;
-                let (c, i) = k.value();
-                let r: HeldRow = self.open_json("held", &k128(c, i), v.value())?;
-                mine += usize::from(r.from == from);
-            }
-        }
-        if total >= hold::MAX_TOTAL || mine >= hold::MAX_PER_SENDER {
+        let mut by = tx.open_table(HELD_BY).ctx("open held counts")?;
+        let total = t.len().ctx("count held")?;
+        let mine = count_by(self, &mut by, &from, 0)?;
+        if total >= hold::MAX_TOTAL as u64 || mine >= hold::MAX_PER_SENDER as u64 {
             tracing::warn!("holding limit reached: a deposit from a contact was dropped");
             return Ok(());
         }
+        count_by(self, &mut by, &from, 1)?;
         let n = t
             .range((rcpt, 0)..=(rcpt, u64::MAX))
             .ctx("read held")?
@@ -792,6 +823,56 @@ mod tests {
         leave(&a, &stranger, &h, 10_000);
         carry(&a, &h, 1000);
         assert_eq!(h.s.held_count().expect("count"), 0);
+    }
+
+    #[test]
+    fn a_holder_keeps_at_most_its_limit_from_one_sender_and_counts_what_leaves() {
+        let (a, b, h) = trio();
+        let (rcpt, from) = (id_of(&h, &b), a.key);
+        let put = |n: usize, start: usize| {
+            let tx = h.s.db.begin_write().expect("tx");
+            for i in start..start + n {
+                h.s.deposit_in(
+                    &tx,
+                    rcpt,
+                    from,
+                    format!("m{i}.0"),
+                    "<encrypted/>".into(),
+                    99,
+                )
+                .expect("deposit");
+            }
+            tx.commit().expect("commit");
+        };
+        put(hold::MAX_PER_SENDER + 5, 0);
+        assert_eq!(
+            h.s.held_count().expect("count"),
+            hold::MAX_PER_SENDER as u64
+        );
+        // Another sender still has room.
+        let tx = h.s.db.begin_write().expect("tx");
+        h.s.deposit_in(&tx, rcpt, b.key, "m1.0".into(), "<encrypted/>".into(), 99)
+            .expect("deposit");
+        tx.commit().expect("commit");
+        assert_eq!(
+            h.s.held_count().expect("count"),
+            hold::MAX_PER_SENDER as u64 + 1
+        );
+        // What leaves (expired here) frees the sender's room again.
+        assert_eq!(
+            h.s.expire_held(100).expect("expire"),
+            hold::MAX_PER_SENDER as u64 + 1
+        );
+        put(3, 5000);
+        assert_eq!(h.s.held_count().expect("count"), 3);
+        // Removing the recipient drops what was held for them.
+        assert!(h.s.remove_contact(rcpt).expect("remove"));
+        assert_eq!(h.s.held_count().expect("count"), 0);
+        put(hold::MAX_PER_SENDER, 9000);
+        assert_eq!(
+            h.s.held_count().expect("count"),
+            hold::MAX_PER_SENDER as u64
+        );
     }
 
     #[test]

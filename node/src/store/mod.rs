@@ -490,16 +490,15 @@ impl Store {
             existed = t.remove(id).ctx("remove contact")?.is_some();
             let mut p = tx.open_table(PEERS).ctx("open peers")?;
             p.remove(id).ctx("remove peer state")?;
-            for table in [MESSAGES, OUTBOX, held::HELD] {
+            self.take_held_in(&tx, id)?;
+            for table in [MESSAGES, OUTBOX] {
                 let mut m = tx.open_table(table).ctx("open messages")?;
                 m.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
                     .ctx("remove messages")?;
             }
-            for table in [held::SEEN, held::HELD_IDS] {
-                let mut t = tx.open_table(table).ctx("open seen")?;
-                t.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
-                    .ctx("remove seen ids")?;
-            }
+            let mut seen = tx.open_table(held::SEEN).ctx("open seen")?;
+            seen.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
+                .ctx("remove seen ids")?;
             omemo::forget_contact(&tx, id)?;
         }
         tx.commit().ctx("commit")?;

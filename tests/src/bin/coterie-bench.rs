@@ -603,13 +603,20 @@ fn logged_at(log: &str, from: usize, needles: &[&str]) -> Option<f64> {
 /// every member has shown a post, against one 1:1 hop between two of them
 /// in the same run. Both from the nodes' own log timestamps (debug lines
 /// "group post shown", "message stored"), so neither includes polling.
-fn group_lan(runs: usize, members: usize) {
+/// With `mesh`, every member is also every other's contact (an affinity
+/// group whose members all know each other): posts go to everyone directly.
+fn group_lan(runs: usize, members: usize, mesh: bool) {
     use coterie_tests::netns::Lan;
     use coterie_tests::{NodeProc, wait_for};
     use serde_json::json;
     const G: &str = "bench-room";
+    let shape = if mesh {
+        "everyone a contact of everyone"
+    } else {
+        "one link, star of contacts"
+    };
     println!(
-        "## Group of {members} on a namespaced LAN (one link, star of contacts) vs a 1:1 hop, {runs} runs each, interleaved"
+        "## Group of {members} on a namespaced LAN ({shape}) vs a 1:1 hop, {runs} runs each, interleaved"
     );
     let lan = Lan::new(members);
     let tmp = tempfile::tempdir().expect("tmp");
@@ -650,6 +657,33 @@ fn group_lan(runs: usize, members: usize) {
                 (m.as_array().map_or(0, Vec::len) == members).then_some(())
             },
         );
+    }
+    if mesh {
+        for i in 1..members {
+            for j in i + 1..members {
+                let uri = ctl[i]
+                    .call(&json!({"cmd": "invite", "ttl": "1h"}))
+                    .expect("invite");
+                ctl[j]
+                    .call(&json!({"cmd": "add", "uri": uri, "name": nodes[i].name}))
+                    .expect("add");
+            }
+        }
+        for (i, c) in ctl.iter_mut().enumerate() {
+            wait_for(
+                &format!("member {i} connected to everyone"),
+                Duration::from_secs(180),
+                || {
+                    let v = c.call(&json!({"cmd": "contacts"})).ok()?;
+                    let up = v
+                        .as_array()?
+                        .iter()
+                        .filter(|c| c["state"] == "connected")
+                        .count();
+                    (up == members - 1).then_some(())
+                },
+            );
+        }
     }
     // Warm-up: everyone writes once (sessions, OMEMO, relays learned).
     for (i, c) in ctl.iter_mut().enumerate() {
@@ -1047,7 +1081,8 @@ fn main() {
         return;
     }
     if what == "group-lan" {
-        group_lan(flag("--runs", 30), flag("--members", 20));
+        let mesh = args.iter().any(|a| a == "--mesh");
+        group_lan(flag("--runs", 30), flag("--members", 20), mesh);
         return;
     }
     if what == "bridge" {
