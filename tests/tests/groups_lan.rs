@@ -42,11 +42,19 @@ fn eight_people_in_a_room_join_with_one_link_and_all_read_everything_once() {
         uri.contains(&lan.hosts[0].ip.to_string()),
         "the link lacks the LAN address: {uri}"
     );
+    // Everyone in the room scans at once: the organiser takes seven
+    // redemptions together (a contact-list refresh that finished out of
+    // order once dropped a newcomer's welcome).
     let t0 = Instant::now();
-    for n in &nodes[1..] {
-        let out = n.cli(&["group", "join", &uri]);
-        assert_eq!(out.code, 0, "{}: {:?}", n.name, out.json);
-    }
+    std::thread::scope(|s| {
+        for n in &nodes[1..] {
+            let uri = &uri;
+            s.spawn(move || {
+                let out = n.cli(&["group", "join", uri]);
+                assert_eq!(out.code, 0, "{}: {:?}", n.name, out.json);
+            });
+        }
+    });
     for n in &nodes {
         wait_for(
             &format!("{} sees {N} members", n.name),

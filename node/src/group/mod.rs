@@ -641,10 +641,20 @@ impl Group {
         let post = Post::open(&signed).map_err(|_| ActionError::Body)?;
         let mut step = Step::default();
         self.accept_post(self.me, post, signed.clone(), now_ms, &mut step);
-        for peer in self.online_members() {
+        let online = self.online_members();
+        let state = self.state();
+        // Everyone owed the post is connected: they all get it from us, and
+        // say so to none of the others (no storm of summaries).
+        let to_all = state
+            .members
+            .keys()
+            .filter(|m| **m != self.me && state.owed(m, &self.me, seq))
+            .all(|m| online.contains(m));
+        for peer in online {
             if self.state().owed(&peer, &self.me, seq) {
-                step.out
-                    .push(self.frame_to(peer, Vec::new(), vec![signed.clone()]));
+                let mut out = self.frame_to(peer, Vec::new(), vec![signed.clone()]);
+                out.frame.to_all = to_all;
+                step.out.push(out);
                 self.knows(peer, self.me, seq);
             }
         }
@@ -797,6 +807,8 @@ impl Group {
         }
         let mut gap = false;
         let shown_before = step.events.len();
+        // The author reached every member itself: nobody needs a nudge.
+        let author_reached_all = frame.to_all;
         for s in frame.posts {
             match Post::open(&s) {
                 Ok(post) if post.group == self.id => {
@@ -829,6 +841,7 @@ impl Group {
                 Event::Post { author, seq, .. } => Some((*author, *seq)),
                 _ => None,
             })
+            .filter(|(author, _)| !(author_reached_all && *author == from))
             .collect();
         if !fresh.is_empty() {
             let state = self.state().clone();
@@ -889,6 +902,7 @@ impl Group {
                 posts,
                 summary: None,
                 answered: false,
+                to_all: false,
             },
         }
     }

@@ -54,6 +54,7 @@ fn frame_with(id: Hash, posts: Vec<Signed>) -> Frame {
         posts,
         summary: None,
         answered: false,
+        to_all: false,
     }
 }
 
@@ -76,6 +77,63 @@ fn a_post_reaches_a_connected_member_once_and_a_replay_changes_nothing() {
     );
     assert!(alerts_of(&again).is_empty());
     assert_eq!(g[1].heads().get(&a), Some(&1));
+}
+
+/// Everyone connects to everyone (at time 0: the summaries that go out
+/// then rate-limit the next ones for a second).
+fn connect_all(g: &mut [Group]) {
+    let peers: Vec<PeerId> = (0..g.len()).map(|i| key(i as u8).peer_id()).collect();
+    for (i, gi) in g.iter_mut().enumerate() {
+        for (j, p) in peers.iter().enumerate() {
+            if i != j {
+                gi.connected(*p, 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_post_the_author_sent_to_everyone_sets_off_no_summaries() {
+    let mut g = group_of(6);
+    connect_all(&mut g);
+    let a = key(2).peer_id();
+    let (_, step) = g[2].post(b"to the whole room", 5000).expect("post");
+    assert_eq!(step.out.len(), 5);
+    assert!(step.out.iter().all(|o| o.frame.to_all));
+    for o in step.out {
+        let i = (0..6u8)
+            .position(|i| key(i).peer_id() == o.to)
+            .expect("member");
+        let got = g[i].handle(a, o.frame, 5001);
+        assert_eq!(posts_of(&got).len(), 1);
+        assert!(got.out.is_empty(), "member {i} passed on what everyone has");
+    }
+    // The flag counts only from the author: relayed with it, the post
+    // still sets off summaries to the others.
+    let mut g = group_of(4);
+    connect_all(&mut g);
+    let (signed, _) = g[1].post(b"relayed", 5000).expect("post");
+    let mut f = frame_with(*g[0].id(), vec![signed]);
+    f.to_all = true;
+    let got = g[3].handle(key(0).peer_id(), f, 5001);
+    assert_eq!(posts_of(&got).len(), 1);
+    assert!(!got.out.is_empty(), "a relay's flag was trusted");
+}
+
+#[test]
+fn an_author_who_cannot_reach_everyone_lets_the_others_pass_it_on() {
+    let mut g = group_of(4);
+    connect_all(&mut g);
+    let (a, d) = (key(0).peer_id(), key(3).peer_id());
+    g[0].disconnected(d);
+    let (_, step) = g[0].post(b"d is away from me", 5000).expect("post");
+    assert_eq!(step.out.len(), 2);
+    assert!(step.out.iter().all(|o| !o.frame.to_all));
+    let got = g[1].handle(a, step.out[0].frame.clone(), 5001);
+    assert!(
+        got.out.iter().any(|o| o.to == d),
+        "the member connected to d tells d"
+    );
 }
 
 #[test]
@@ -291,6 +349,7 @@ fn membership_changes_that_arrive_out_of_order_or_twice_converge() {
         summary: None,
         posts: Vec::new(),
         answered: false,
+        to_all: false,
     };
     let step = g1.handle(key(0).peer_id(), f, 5);
     assert!(alerts_of(&step).is_empty(), "{:?}", step.events);

@@ -151,6 +151,11 @@ pub struct Frame {
     /// that then still lacks what the sender signed it had was withheld).
     #[prost(bool, tag = "5")]
     pub answered: bool,
+    /// Set by an author on its own new post when it sent the post to every
+    /// other member directly: the receivers need not pass it on (honoured
+    /// only in a frame from the author itself).
+    #[prost(bool, tag = "6")]
+    pub to_all: bool,
 }
 
 /// The kinds of membership op.
