@@ -841,8 +841,12 @@ impl Group {
                 Event::Post { author, seq, .. } => Some((*author, *seq)),
                 _ => None,
             })
-            .filter(|(author, _)| !(author_reached_all && *author == from))
             .collect();
+        // Posts the author sent to every member itself: the others are
+        // told at the next tick, not at once (each would otherwise tell each
+        // other at the moment everyone is busy showing the post; the tick
+        // still covers a member the author's copy has not reached).
+        let deferred = author_reached_all && fresh.iter().all(|(a, _)| *a == from);
         if !fresh.is_empty() {
             let state = self.state().clone();
             for peer in self.online_members() {
@@ -873,7 +877,9 @@ impl Group {
                 let lacks = fresh.iter().any(|(a, s)| {
                     *a != peer && state.owed(&peer, a, *s) && self.known_by(&peer, a) < *s
                 });
-                if lacks {
+                if lacks && deferred {
+                    self.peers.entry(peer).or_default().summary_due = true;
+                } else if lacks {
                     self.maybe_summary(peer, now_ms, &mut step);
                 }
             }

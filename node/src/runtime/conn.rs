@@ -1113,6 +1113,9 @@ async fn send_outbox(
     if out.waiting && !flow.waiting {
         tracing::info!("queued messages wait for the contact's OMEMO keys");
     }
+    if !out.waiting && flow.waiting {
+        tracing::debug!("queued messages go: the contact's OMEMO keys are known");
+    }
     flow.waiting = out.waiting;
     for (n, st) in out.items {
         session.send(&st);

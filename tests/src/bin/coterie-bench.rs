@@ -620,9 +620,18 @@ fn group_lan(runs: usize, members: usize, mesh: bool) {
     );
     let lan = Lan::new(members);
     let tmp = tempfile::tempdir().expect("tmp");
+    // COTERIE_BENCH_KEEP=1 keeps the profiles and logs for a look after.
+    let tmp_path = if std::env::var_os("COTERIE_BENCH_KEEP").is_some() {
+        let p = tmp.path().to_path_buf();
+        std::mem::forget(tmp);
+        eprintln!("keeping {}", p.display());
+        p
+    } else {
+        tmp.path().to_path_buf()
+    };
     let mut nodes: Vec<NodeProc> = (0..members)
         .map(|i| {
-            let mut p = NodeProc::init(tmp.path(), &format!("member-{i:02}"));
+            let mut p = NodeProc::init(&tmp_path, &format!("member-{i:02}"));
             p.netns = Some(lan.hosts[i].clone());
             p.env.push((
                 "COTERIE_LOG".into(),
@@ -737,6 +746,12 @@ fn group_lan(runs: usize, members: usize, mesh: bool) {
                 }
                 std::thread::sleep(Duration::from_millis(2));
             };
+            if at - t > 1.0 {
+                eprintln!(
+                    "run {r}: member {i} showed it after {:.0} ms",
+                    (at - t) * 1000.0
+                );
+            }
             last = last.max(at);
         }
         group_ms.push((last - t) * 1000.0);
