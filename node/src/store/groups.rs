@@ -185,8 +185,6 @@ impl Store {
             let mut ot = tx.open_table(OUTBOX).ctx("open outbox")?;
             for (contact, peer, frame) in &w.frames {
                 let mut st = self.peer_state_in(&peers, *contact)?;
-                st.out_last += 1;
-                let nonce: u32 = rand::random();
                 let omemo = match own.and_then(|o| o.ctx(*peer)) {
                     Some(ctx) => {
                         let mut enc = Encryptor::open(self, &tx, *contact, &ctx)?;
@@ -197,12 +195,11 @@ impl Store {
                     }
                     None => None,
                 };
-                let s = OutStanza::Group {
-                    id: format!("g{}.{nonce:08x}", st.out_last),
+                self.queue_out(&mut ot, *contact, &mut st, 'g', |id| OutStanza::Group {
+                    id,
                     frame: BASE64.encode(frame),
                     omemo,
-                };
-                self.put_out(&mut ot, *contact, st.out_last, &s)?;
+                })?;
                 self.put_peer_state(&mut peers, *contact, &st)?;
             }
         }

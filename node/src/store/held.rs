@@ -238,14 +238,12 @@ impl Store {
             let mut ot = tx.open_table(super::OUTBOX).ctx("open outbox")?;
             let mut st = self.peer_state_in(&peers, contact)?;
             for f in frames {
-                st.out_last += 1;
-                let nonce: u32 = rand::random();
-                let s = OutStanza::Hold {
-                    id: format!("h{}.{nonce:08x}", st.out_last),
+                let omemo = enc.encrypt_content(&Content::Hold(f.clone()));
+                self.queue_out(&mut ot, contact, &mut st, 'h', |id| OutStanza::Hold {
+                    id,
                     frame: data_encoding::BASE64.encode(f),
-                    omemo: enc.encrypt_content(&Content::Hold(f.clone())),
-                };
-                self.put_out(&mut ot, contact, st.out_last, &s)?;
+                    omemo,
+                })?;
             }
             self.put_peer_state(&mut peers, contact, &st)?;
         }
@@ -528,13 +526,10 @@ impl Store {
         let m = super::omemo::message_of(Decrypted::Body { body, unverified }, seq, &id, now_ms);
         self.put_message(&mut mt, author, &m)?;
         self.mark_seen(&mut seen, author, &id, now_ms)?;
-        st.out_last += 1;
-        let nonce: u32 = rand::random();
-        let r = OutStanza::Receipt {
-            id: format!("r{}.{nonce:08x}", st.out_last),
+        self.queue_out(&mut ot, author, &mut st, 'r', |rid| OutStanza::Receipt {
+            id: rid,
             of: id,
-        };
-        self.put_out(&mut ot, author, st.out_last, &r)?;
+        })?;
         self.put_peer_state(&mut peers, author, &st)?;
         res.hold.messages.push((author, seq));
         if !res.hold.queued_for.contains(&author) {

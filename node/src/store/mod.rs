@@ -677,6 +677,22 @@ impl Store {
         Ok(())
     }
 
+    /// Queues a stanza after the contact's last: numbers it, names it
+    /// `<prefix><n>.<nonce>` and writes it.
+    fn queue_out(
+        &self,
+        ot: &mut redb::Table<(u64, u64), &[u8]>,
+        contact: u64,
+        st: &mut PeerState,
+        prefix: char,
+        make: impl FnOnce(String) -> OutStanza,
+    ) -> Result<(), StoreError> {
+        st.out_last += 1;
+        let nonce: u32 = rand::random();
+        let s = make(format!("{prefix}{}.{nonce:08x}", st.out_last));
+        self.put_out(ot, contact, st.out_last, &s)
+    }
+
     /// Stores an outgoing message and queues its stanza, durably, in one
     /// transaction. Returns the message.
     pub fn queue_outgoing(
@@ -977,25 +993,18 @@ impl Store {
                     res.new_messages.push(seq);
                     // No receipt for what the user cannot read.
                     if wants_receipt && m.undecryptable.is_none() {
-                        st.out_last += 1;
-                        let nonce: u32 = rand::random();
-                        let r = OutStanza::Receipt {
-                            id: format!("r{}.{nonce:08x}", st.out_last),
+                        self.queue_out(&mut ot, contact, &mut st, 'r', |rid| OutStanza::Receipt {
+                            id: rid,
                             of: id.clone(),
-                        };
-                        self.put_out(&mut ot, contact, st.out_last, &r)?;
+                        })?;
                         res.queued_stanzas = true;
                     }
                 }
             }
             for el in std::mem::take(&mut res.repairs) {
-                st.out_last += 1;
-                let nonce: u32 = rand::random();
-                let k = OutStanza::KeyTransport {
-                    id: format!("k{}.{nonce:08x}", st.out_last),
-                    omemo: el,
-                };
-                self.put_out(&mut ot, contact, st.out_last, &k)?;
+                self.queue_out(&mut ot, contact, &mut st, 'k', |id| {
+                    OutStanza::KeyTransport { id, omemo: el }
+                })?;
                 res.queued_stanzas = true;
             }
             self.put_peer_state(&mut peers, contact, &st)?;
