@@ -711,6 +711,7 @@ fn group_lan(runs: usize, members: usize, mesh: bool) {
     };
     let (mut group_ms, mut hop_ms) = (Vec::new(), Vec::new());
     let settle = Duration::from_millis(2500);
+    let mut fan_ms: Vec<f64> = Vec::new();
     for r in 0..runs {
         // The group: member 1 + r % (members − 1) writes.
         let from = 1 + r % (members - 1);
@@ -772,6 +773,35 @@ fn group_lan(runs: usize, members: usize, mesh: bool) {
         );
         hop_ms.push((at - t) * 1000.0);
         std::thread::sleep(settle);
+        if mesh {
+            // What this machine allows: the same author sends a 1:1
+            // message to each of the others, one after another, and the
+            // time runs until the last has stored it (19 receivers at once
+            // on 2 cores, no group protocol).
+            let marks: Vec<usize> = nodes.iter().map(|n| n.log_text().len()).collect();
+            let t = now();
+            for (i, n) in nodes.iter().enumerate() {
+                if i != from {
+                    ctl[from]
+                        .call(&json!({"cmd": "send", "contact": n.name, "text": format!("fan run {r}")}))
+                        .expect("send");
+                }
+            }
+            let mut last = 0.0f64;
+            for (i, n) in nodes.iter().enumerate() {
+                if i == from {
+                    continue;
+                }
+                let at = wait_for(
+                    &format!("member {i} stores the 1:1 message"),
+                    Duration::from_secs(60),
+                    || logged_at(&n.log_text(), marks[i], &["message stored"]),
+                );
+                last = last.max(at);
+            }
+            fan_ms.push((last - t) * 1000.0);
+            std::thread::sleep(settle);
+        }
     }
     drop(ctl);
     for n in nodes.iter_mut() {
@@ -788,7 +818,14 @@ fn group_lan(runs: usize, members: usize, mesh: bool) {
     for (name, v) in [
         ("1:1 hop (stored)", &hop_ms),
         ("group: every member has shown it", &group_ms),
+        (
+            "1:1 to each of the others, until the last stored it",
+            &fan_ms,
+        ),
     ] {
+        if v.is_empty() {
+            continue;
+        }
         println!(
             "| {name} | {:.1} | {:.1} | {:.1} |",
             pct(v, 0.5),
