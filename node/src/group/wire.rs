@@ -152,8 +152,9 @@ pub struct Frame {
     #[prost(bool, tag = "5")]
     pub answered: bool,
     /// Set by an author on its own new post when it sent the post to every
-    /// other member directly: the receivers need not pass it on (honoured
-    /// only in a frame from the author itself).
+    /// other member directly: the receivers tell the others at the next
+    /// tick rather than at once (honoured only in a frame from the author
+    /// itself).
     #[prost(bool, tag = "6")]
     pub to_all: bool,
 }

@@ -619,16 +619,14 @@ fn group_lan(runs: usize, members: usize, mesh: bool) {
         "## Group of {members} on a namespaced LAN ({shape}) vs a 1:1 hop, {runs} runs each, interleaved"
     );
     let lan = Lan::new(members);
-    let tmp = tempfile::tempdir().expect("tmp");
+    let mut tmp = tempfile::tempdir().expect("tmp");
     // COTERIE_BENCH_KEEP=1 keeps the profiles and logs for a look after.
-    let tmp_path = if std::env::var_os("COTERIE_BENCH_KEEP").is_some() {
-        let p = tmp.path().to_path_buf();
-        std::mem::forget(tmp);
-        eprintln!("keeping {}", p.display());
-        p
-    } else {
-        tmp.path().to_path_buf()
-    };
+    if std::env::var_os("COTERIE_BENCH_KEEP").is_some() {
+        // Kept even when the run panics: the logs are what to look at.
+        tmp.disable_cleanup(true);
+        eprintln!("keeping {}", tmp.path().display());
+    }
+    let tmp_path = tmp.path().to_path_buf();
     let mut nodes: Vec<NodeProc> = (0..members)
         .map(|i| {
             let mut p = NodeProc::init(&tmp_path, &format!("member-{i:02}"));
