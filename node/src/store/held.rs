@@ -272,8 +272,13 @@ impl Store {
             return Ok(d);
         }
         let out = self.outbox_encrypted(contact, after, 64, ctx)?;
+        if out.waiting {
+            // No keys for them yet: they come only with a direct session,
+            // which delivers these itself. Not tried again every tick.
+            d.last = st.out_last;
+        }
         for (n, s) in out.items {
-            d.last = n;
+            d.last = d.last.max(n);
             if let OutStanza::Chat {
                 id,
                 omemo: Some(element),
@@ -868,6 +873,31 @@ mod tests {
             h.s.held_count().expect("count"),
             hold::MAX_PER_SENDER as u64
         );
+    }
+
+    #[test]
+    fn nothing_is_left_for_a_contact_whose_keys_are_unknown_and_it_is_not_retried() {
+        let a = peer(1, USER);
+        let b = peer(2, USER);
+        // A knows B's key from the invite but never had a session: no OMEMO keys.
+        let c = Contact {
+            id: 0,
+            name: "b".into(),
+            peer: b.key,
+            addrs: vec![],
+            state: ContactState::Active,
+            added: 1,
+            last_seen: None,
+            last_carrier: None,
+        };
+        let cb = a.s.add_contact(c).expect("add");
+        a.s.queue_outgoing(cb, "hello", 1).expect("queue");
+        let ctx = a.own.ctx(b.key).expect("ctx");
+        let d = a.s.deposits(cb, b.key, 0, 99, &ctx).expect("deposits");
+        assert!(d.frames.is_empty());
+        assert_eq!(d.last, 1, "the next tick starts after it");
+        let again = a.s.deposits(cb, b.key, d.last, 99, &ctx).expect("deposits");
+        assert!(again.frames.is_empty() && again.last == 1);
     }
 
     #[test]
