@@ -1005,8 +1005,12 @@ async fn handle_event(
                 let now = crate::ops::now_ms() / 1000;
                 let learned =
                     store_op(shared, move |s| s.omemo_learn(contact, pinned, items, now)).await?;
+                tracing::debug!(
+                    can_send = learned.can_send,
+                    waiting = flow.waiting,
+                    "learned the contact's OMEMO keys"
+                );
                 if learned.can_send && flow.waiting {
-                    flow.waiting = false;
                     send_outbox(shared, session, contact, flow).await?;
                 }
             }

@@ -549,6 +549,11 @@ impl Store {
                             encrypt_for(&mut p, ctx, *v, devices, Some(&content), &mut rng)
                         });
                         let Some(el) = el else {
+                            tracing::debug!(
+                                devices = targets.as_ref().map_or(0, |(_, d)| d.len()),
+                                known = p.devices.len(),
+                                "a queued stanza cannot be encrypted yet"
+                            );
                             waiting = true;
                             break;
                         };
