@@ -19,9 +19,6 @@ use crate::store::{GroupPostRow, GroupWrite, Store};
 
 /// Groups whose welcome is still arriving (ops split over frames).
 const MAX_PENDING_WELCOMES: usize = 8;
-/// How often the core gets the time (summaries held back by its rate
-/// limit go out then; the core decides what is due).
-pub(crate) const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Default)]
 pub(crate) struct Groups {

@@ -14,8 +14,6 @@ use super::{Shared, db};
 use crate::hold::Offer;
 use crate::ops::{now_ms, now_secs};
 
-/// How often the node looks for messages to leave with holders.
-pub(crate) const TICK: Duration = Duration::from_secs(1);
 /// How often a holder drops expired deposits.
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 

@@ -613,8 +613,7 @@ impl Node {
         tasks.spawn(conn::accept_loop(shared.clone(), acc_rx));
         tasks.spawn(conn::dial_manager(shared.clone()));
         tasks.spawn(retention_loop(shared.clone()));
-        tasks.spawn(group_loop(shared.clone()));
-        tasks.spawn(hold_loop(shared.clone()));
+        tasks.spawn(tick_loop(shared.clone()));
         if let Some(acct) = profile.bridge.clone() {
             shared.restart_bridge(Some(acct)).await;
         }
@@ -822,27 +821,25 @@ impl Shared {
     }
 }
 
-/// Periodic group summaries to connected members.
-async fn group_loop(shared: Arc<Shared>) {
+/// Every second: group summaries to connected members, then offline
+/// delivery (offers, deposits, expiry).
+async fn tick_loop(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(groups::TICK) => groups::tick(&shared).await,
+            _ = tokio::time::sleep(TICK) => {
+                groups::tick(&shared).await;
+                hold::tick(&shared).await;
+            }
             _ = shutdown.changed() => return,
         }
     }
 }
 
-/// Offline delivery: offers, deposits, expiry.
-async fn hold_loop(shared: Arc<Shared>) {
-    let mut shutdown = shared.shutdown.clone();
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(hold::TICK) => hold::tick(&shared).await,
-            _ = shutdown.changed() => return,
-        }
-    }
-}
+/// How often [`tick_loop`] runs: the group core gets the time (summaries
+/// held back by its rate limit go out then), and queued messages are left
+/// with holders.
+const TICK: Duration = Duration::from_secs(1);
 
 async fn retention_loop(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
