@@ -335,16 +335,6 @@ impl Store {
         Ok(())
     }
 
-    fn contacts_in(&self, tx: &redb::WriteTransaction) -> Result<Vec<Contact>, StoreError> {
-        let t = tx.open_table(super::CONTACTS).ctx("open contacts")?;
-        let mut out = Vec::new();
-        for row in t.iter().ctx("list contacts")? {
-            let (k, v) = row.ctx("list contacts")?;
-            out.push(self.open_json("contacts", &super::k64(k.value()), v.value())?);
-        }
-        Ok(out)
-    }
-
     /// Handles the hold frames that came from `contact` in a batch, inside
     /// the batch's transaction: a deposit is kept (if we hold), a held
     /// message is decrypted with its sender's session and stored once, an
@@ -360,7 +350,10 @@ impl Store {
         res: &mut Received,
     ) -> Result<(), StoreError> {
         let now_s = now_ms / 1000;
-        let contacts = self.contacts_in(tx)?;
+        let contacts = {
+            let t = tx.open_table(super::CONTACTS).ctx("open contacts")?;
+            self.contacts_of(&t)?
+        };
         // Only between Coterie contacts (never from a bridged friend).
         let Some(sender) = contacts
             .iter()

@@ -413,6 +413,14 @@ impl Store {
     pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
         let rx = self.db.begin_read().ctx("read")?;
         let t = rx.open_table(CONTACTS).ctx("open contacts")?;
+        self.contacts_of(&t)
+    }
+
+    /// Every contact in `t` (a read or a write transaction's table).
+    fn contacts_of(
+        &self,
+        t: &impl ReadableTable<u64, &'static [u8]>,
+    ) -> Result<Vec<Contact>, StoreError> {
         let mut out = Vec::new();
         for row in t.iter().ctx("list contacts")? {
             let (k, v) = row.ctx("list contacts")?;
