@@ -23,6 +23,7 @@
 
 pub mod gate;
 pub mod identity;
+pub mod limit;
 pub mod memory;
 pub mod onion;
 pub mod quic;
@@ -46,6 +47,7 @@ pub use verifier::PeerPolicy;
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many handshakes a listener runs at once; more wait (slow-loris bound).
+/// One source address gets at most [`limit::MAX_HANDSHAKES_PER_ADDR`] of them.
 pub const MAX_CONCURRENT_HANDSHAKES: usize = 64;
 
 /// A boxed future, for object-safe async trait methods.

@@ -12,13 +12,13 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, Semaphore, mpsc};
 
 use crate::GateKey;
 use crate::tls::EXPORTER_LABEL;
 use crate::{
-    Authenticated, BoxFuture, Carrier, DialError, HANDSHAKE_TIMEOUT, PeerAddr, PeerId, PeerPolicy,
-    TlsContext, TlsSetupError, Transport,
+    Authenticated, BoxFuture, Carrier, DialError, HANDSHAKE_TIMEOUT, MAX_CONCURRENT_HANDSHAKES,
+    PeerAddr, PeerId, PeerPolicy, TlsContext, TlsSetupError, Transport,
 };
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
@@ -198,15 +198,32 @@ pub enum BindError {
 }
 
 /// Accepts QUIC connections on `endpoint` and hands authenticated streams to `out`.
+///
+/// As over TCP, at most [`MAX_CONCURRENT_HANDSHAKES`] handshakes run at once
+/// and at most [`crate::limit::MAX_HANDSHAKES_PER_ADDR`] from one address;
+/// a connection attempt beyond either is refused at once (quinn answers
+/// it with a close, no state is kept).
 pub async fn serve(endpoint: quinn::Endpoint, out: mpsc::Sender<Authenticated>) {
+    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
+    let per_source = crate::limit::PerSource::default();
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => match i { Some(i) => i, None => return },
             _ = out.closed() => return,
         };
+        let remote = incoming.remote_address();
+        let (Ok(permit), Some(slot)) = (
+            permits.clone().try_acquire_owned(),
+            per_source.try_start(remote.ip()),
+        ) else {
+            tracing::debug!("inbound QUIC refused: too many handshakes in progress");
+            incoming.refuse();
+            continue;
+        };
         let out = out.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
+            let _permit = permit;
+            let _slot = slot;
             let accept = async {
                 let conn = incoming.await.map_err(|e| e.to_string())?;
                 let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;

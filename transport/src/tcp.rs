@@ -67,8 +67,9 @@ impl Transport for TcpTransport {
 /// Accepts TCP connections and hands authenticated ones to `out`.
 ///
 /// Each handshake runs in its own task with a deadline, at most
-/// [`MAX_CONCURRENT_HANDSHAKES`] at once, so a slow or hostile client cannot
-/// stall the listener. Returns when `out` is closed.
+/// [`MAX_CONCURRENT_HANDSHAKES`] at once and at most
+/// [`crate::limit::MAX_HANDSHAKES_PER_ADDR`] from one address, so a slow or
+/// hostile client cannot stall the listener. Returns when `out` is closed.
 pub async fn serve(
     listener: TcpListener,
     tls: TlsContext,
@@ -77,6 +78,7 @@ pub async fn serve(
 ) -> Result<(), crate::TlsSetupError> {
     let acceptor = TlsAcceptor::from(Arc::new(tls.server_config(policy)?));
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
+    let per_source = crate::limit::PerSource::default();
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return Ok(());
@@ -92,11 +94,19 @@ pub async fn serve(
             },
             _ = out.closed() => return Ok(()),
         };
+        let Some(slot) = per_source.try_start(remote.ip()) else {
+            // That address already has its share of handshakes in
+            // progress: closed at once, the permit goes back.
+            tracing::debug!("inbound TCP refused: too many handshakes from one address");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let out = out.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _slot = slot;
             if let Some(a) = tls::accept(&acceptor, tcp, Carrier::Tcp, Some(remote)).await {
                 let _ = out.send(a).await;
             }
