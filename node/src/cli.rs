@@ -137,6 +137,9 @@ enum Cmd {
     Status,
     /// Stop a running node.
     Stop,
+    /// Give back the disk space of deleted messages (the node must be
+    /// stopped; safe to interrupt).
+    Compact,
     /// Destroy the profile irrecoverably.
     Wipe {
         /// Do not ask.
@@ -932,6 +935,27 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
                     "hold for my contacts: {} ({} held now)",
                     on(v.offer),
                     v.held
+                );
+            }
+            Ok(())
+        }
+        Cmd::Compact => {
+            let rt = runtime()?;
+            if ask_node(&rt, dir, &Request::Status)?.is_some() {
+                return Err(fail(
+                    7,
+                    "a node is running on this profile: stop it first (`coterie stop`), then compact",
+                ));
+            }
+            let mut store = open(dir)?;
+            let (before, after) = store.compact().map_err(ops::OpError::from)?;
+            if out.json {
+                out.json(&serde_json::json!({"before_bytes": before, "after_bytes": after}));
+            } else {
+                println!(
+                    "profile compacted: {} KiB → {} KiB",
+                    before.div_ceil(1024),
+                    after.div_ceil(1024)
                 );
             }
             Ok(())

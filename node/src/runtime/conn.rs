@@ -1056,6 +1056,10 @@ async fn store_batch(
     for seq in sent {
         let _ = shared.events.send(NodeEvent::Sent { contact, seq });
     }
+    shared
+        .stats
+        .messages_in
+        .fetch_add(res.new_messages.len() as u64, Ordering::Relaxed);
     for &seq in &res.new_messages {
         tracing::debug!(seq, "message stored");
         let _ = shared.events.send(NodeEvent::Received { contact, seq });

@@ -274,6 +274,9 @@ pub struct StatsView {
     pub stream_faults: u64,
     /// Sessions resumed.
     pub sessions: u64,
+    /// Messages from contacts stored since the node started.
+    #[serde(default)]
+    pub messages_in: u64,
 }
 
 /// Binds the control socket, replacing a stale one.
@@ -574,6 +577,7 @@ pub(crate) fn status(shared: &Arc<Shared>) -> StatusView {
                 xml_bytes_in: g(&st.xml_bytes_in),
                 stream_faults: g(&st.stream_faults),
                 sessions: g(&st.sessions),
+                messages_in: g(&st.messages_in),
             }
         },
         cleartext_presence: shared.compat.get().map(|c| c.instance().to_string()),

@@ -171,6 +171,9 @@ pub(crate) struct Stats {
     pub(crate) stream_faults: AtomicU64,
     /// Sessions resumed.
     pub(crate) sessions: AtomicU64,
+    /// Messages from contacts stored since the node started (direct and
+    /// held).
+    pub(crate) messages_in: AtomicU64,
 }
 
 /// State shared by the node's tasks.

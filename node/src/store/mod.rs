@@ -242,6 +242,23 @@ impl Store {
         Ok(store)
     }
 
+    /// Gives back the space that deleted messages left in the database
+    /// file (redb's compaction: it moves pages down and truncates, each
+    /// step in a committed transaction, so a crash in the middle leaves a
+    /// profile that opens with everything in it). Returns the file's size
+    /// before and after, in bytes.
+    pub fn compact(&mut self) -> Result<(u64, u64), StoreError> {
+        let path = self.dir.join(STORE_FILE);
+        let size = |p: &Path| {
+            std::fs::metadata(p)
+                .map(|m| m.len())
+                .ctx("reading the file size")
+        };
+        let before = size(&path)?;
+        self.db.compact().ctx("compaction")?;
+        Ok((before, size(&path)?))
+    }
+
     /// Opens and unlocks the profile in `dir`.
     pub fn open(dir: &Path, passphrase: &str) -> Result<Store, OpenStoreError> {
         Self::open_timed(dir, passphrase).map(|(s, _)| s)
