@@ -6,7 +6,9 @@ use coterie_node::invite::Invite;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(inv) = Invite::parse(s, 0) {
         assert!(inv.addrs.len() <= 8);
         assert!(transport_ok(&inv.inviter.onion_address()));

@@ -8,8 +8,12 @@ use coterie_node::omemo::xml::{Bundle, parse_devices};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
-    let Ok(el) = s.parse::<minidom::Element>() else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(el) = s.parse::<minidom::Element>() else {
+        return;
+    };
     if let Ok(b) = Bundle::parse(&el) {
         assert!(verify_spk(b.version, &b.ik, &b.spk, &b.spk_sig).is_ok());
         assert!(!b.prekeys.is_empty());

@@ -22,13 +22,30 @@ fn build(v: Version) -> Fixture {
     let mut device = OwnDevice::new(0, &mut rng);
     let bundle = device.bundle(&receiver, v);
     let mut s = Session::initiate(&sender, &bundle, &mut rng).expect("initiate");
-    let mut r = [Recipient { jid: "r@x", device_id: device.device_id, session: &mut s }];
+    let mut r = [Recipient {
+        jid: "r@x",
+        device_id: device.device_id,
+        session: &mut s,
+    }];
     let el = encrypt(v, &sender, 9, &mut r, Some(b"hi"), &mut rng);
     let mut slot = SessionSlot::default();
     device
-        .decrypt(&receiver, "r@x", RemoteDevice { identity: None }, &mut slot, &el, 0, &mut rng)
+        .decrypt(
+            &receiver,
+            "r@x",
+            RemoteDevice { identity: None },
+            &mut slot,
+            &el,
+            0,
+            &mut rng,
+        )
         .expect("first message");
-    Fixture { receiver, device, slot, sender_identity: sender.mont_public() }
+    Fixture {
+        receiver,
+        device,
+        slot,
+        sender_identity: sender.mont_public(),
+    }
 }
 
 pub fn fixture(v: Version) -> &'static Fixture {
@@ -44,7 +61,9 @@ pub fn fixture(v: Version) -> &'static Fixture {
 /// fixture's device, as a key exchange or not; and as `<encrypted/>` XML.
 pub fn envelope(v: Version, data: &[u8]) {
     let f = fixture(v);
-    let Some((&flags, rest)) = data.split_first() else { return };
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
     let cut = rest.len().min(usize::from(flags >> 1));
     let (key, payload) = rest.split_at(rest.len() - cut);
     let el = EncryptedElement {
@@ -62,7 +81,9 @@ pub fn envelope(v: Version, data: &[u8]) {
     let mut device = f.device.clone();
     let mut slot = f.slot.clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-    let known = RemoteDevice { identity: Some(f.sender_identity) };
+    let known = RemoteDevice {
+        identity: Some(f.sender_identity),
+    };
     let _ = device.decrypt(&f.receiver, "r@x", known, &mut slot, &el, 0, &mut rng);
     if let Ok(text) = std::str::from_utf8(data)
         && let Ok(xml) = text.parse::<minidom::Element>()

@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use coterie_node::stream::padding::Padding;
 use coterie_node::stream::parser::Limits;
 use coterie_node::stream::session::{Event, Params, RateLimit, Role, Session};
 use libfuzzer_sys::fuzz_target;
@@ -19,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
         out_acked: 0,
         limits: Limits::default(),
         rate: RateLimit::default(),
+        padding: Padding::Standard,
     };
     let mut s = Session::new(p, now);
     let hdr = b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'><resume xmlns='urn:xmpp:sm:3' h='0' previd='s'/>";

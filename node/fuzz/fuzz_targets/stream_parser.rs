@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
     // Same outcome class either way (events may be split between the calls).
     if let (Ok(_), Ok(_), Ok(_)) = (&a, &b1, &b2) {}
     if a.is_err() {
-        assert!(b1.is_err() || b2.is_err(), "an error in one piece must be an error in two");
+        assert!(
+            b1.is_err() || b2.is_err(),
+            "an error in one piece must be an error in two"
+        );
     }
     // And the raw parser from the very first byte.
     let mut raw = StreamParser::new(Limits::default());
