@@ -651,3 +651,25 @@ mod omemo_state {
         assert!(p.devices.iter().all(|d| d.trust == Trust::Untrusted));
     }
 }
+
+#[test]
+fn compaction_gives_back_deleted_space_and_keeps_everything_else() {
+    let (d, mut s) = new_store();
+    let keep = s.add_contact(contact(1)).expect("add");
+    let gone = s.add_contact(contact(2)).expect("add");
+    let body = "x".repeat(2000);
+    let bodies: Vec<&str> = (0..500).map(|_| body.as_str()).collect();
+    s.queue_outgoing_many(gone, &bodies, 5).expect("queue");
+    s.queue_outgoing(keep, "still here", 6).expect("queue");
+    assert!(s.remove_contact(gone).expect("remove"));
+    let (before, after) = s.compact().expect("compact");
+    assert!(
+        after < before / 2,
+        "1 MB deleted, file {before} → {after} bytes"
+    );
+    drop(s);
+    let s = Store::open(&d.path().join("p"), "pw").expect("reopen");
+    let h = s.history(keep, 10).expect("history");
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].body, "still here");
+}
