@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod c2s;
+pub mod load;
 pub mod netns;
 pub mod omemo_peer;
 pub mod prosody;
@@ -212,6 +213,9 @@ impl NodeProc {
             .args((!extra.contains(&"--tor-config")).then_some("--no-tor"))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("COTERIE_PASSPHRASE", PASSPHRASE)
+            // Its temporary files land next to its profile, where the
+            // plaintext checks look.
+            .env("TMPDIR", self.tmp_dir())
             // The node's own `env` wins, then the test's environment.
             .env(
                 "COTERIE_LOG",
@@ -239,6 +243,13 @@ impl NodeProc {
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         self.child = Some(child);
+    }
+
+    /// The node's temporary directory (`TMPDIR` of `coterie run`).
+    pub fn tmp_dir(&self) -> PathBuf {
+        let d = self.dir.with_extension("tmp");
+        std::fs::create_dir_all(&d).expect("node's TMPDIR");
+        d
     }
 
     /// The node's process id, while it runs.
@@ -514,6 +525,34 @@ pub fn assert_no_plaintext(dir: &Path, needles: &[&[u8]]) {
             );
         }
     }
+}
+
+/// After a run: nothing a user would not want on disk is there in the
+/// clear, in any profile, log or temporary file under `root` (where
+/// [`NodeProc`] keeps all three). Looked for: every string in `marks` (a
+/// prefix every message body of the run shares, say), each node's onion
+/// address (lower and upper case), its raw public key and its name when
+/// long enough to tell from chance.
+pub fn assert_nothing_plain(root: &Path, nodes: &[&NodeProc], marks: &[&str]) {
+    let mut needles: Vec<Vec<u8>> = marks.iter().map(|m| m.as_bytes().to_vec()).collect();
+    for n in nodes {
+        let onion = n.key().onion_address();
+        let label = onion.trim_end_matches(".onion").to_string();
+        needles.push(label.as_bytes().to_vec());
+        needles.push(label.to_uppercase().into_bytes());
+        needles.push(n.key().as_bytes().to_vec());
+        if n.name.len() >= 8 {
+            needles.push(n.name.as_bytes().to_vec());
+        }
+    }
+    let refs: Vec<&[u8]> = needles.iter().map(Vec::as_slice).collect();
+    assert_no_plaintext(root, &refs);
+    eprintln!(
+        "no plaintext: {} needles over {} files under {}",
+        refs.len(),
+        files_under(root).len(),
+        root.display()
+    );
 }
 
 /// (from, body) of a node's history of `group`, oldest first (empty if the

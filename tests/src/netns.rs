@@ -219,11 +219,73 @@ impl Lan {
         }
     }
 
+    /// Drops `percent` % of the frames the bridge forwards, at random, in
+    /// both directions (nftables in the bridge's namespace: this kernel has
+    /// no netem). Also sets up the (empty) chain [`Lan::cut_all`] fills.
+    pub fn lossy(&self, percent: u8) {
+        assert!(percent < 100, "a loss rate is below 100 %");
+        let rules = format!(
+            "table bridge coterie_test {{\n\
+             \tchain lossy {{ type filter hook forward priority 0; policy accept;\n\
+             \t\tnumgen random mod 100 < {percent} drop\n\t}}\n\
+             \tchain cut {{ type filter hook forward priority 1; policy accept; }}\n}}\n"
+        );
+        nft(&self.bridge, &["-f", "-"], Some(&rules)).expect("loss rule (Debian package nftables)");
+    }
+
+    /// Cuts every link on the LAN: the bridge forwards nothing, without
+    /// telling anyone (packets vanish, as on a Wi-Fi that dropped out).
+    /// Needs [`Lan::lossy`] first (with 0 for no loss).
+    pub fn cut_all(&self) {
+        nft(
+            &self.bridge,
+            &["add", "rule", "bridge", "coterie_test", "cut", "drop"],
+            None,
+        )
+        .expect("cut rule");
+    }
+
+    /// Ends [`Lan::cut_all`].
+    pub fn heal_all(&self) {
+        nft(
+            &self.bridge,
+            &["flush", "chain", "bridge", "coterie_test", "cut"],
+            None,
+        )
+        .expect("heal");
+    }
+
     /// A command run inside `host`'s namespace.
     pub fn command(&self, host: usize, program: &std::path::Path) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.hosts[host].ns]).arg(program);
         c
+    }
+}
+
+fn nft(ns: &str, args: &[&str], stdin: Option<&str>) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run `nft`: {e}"))?;
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(stdin.unwrap_or_default().as_bytes())
+            .map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`nft {}` failed (is the Debian package nftables installed?): {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 

@@ -4,6 +4,7 @@
 //! cargo run --release -p coterie-tests --bin coterie-bench -- [all|rtt|throughput|store] [--n N] [--store-messages N]
 //! cargo run --release -p coterie-tests --bin coterie-bench -- tor [--n N] [--runs N]
 //! cargo run --release -p coterie-tests --bin coterie-bench -- bridge [--n N]
+//! cargo run --release -p coterie-tests --bin coterie-bench -- load [--peers 50] [--rate 20] [--secs 60]
 //! ```
 //!
 //! Everything runs on 127.0.0.1. `rtt` needs Debian's `prosody`. `lan` and
@@ -1142,6 +1143,16 @@ fn main() {
     }
     if what == "bridge" {
         bridge(&rt, flag("--n", 100));
+        return;
+    }
+    if what == "load" {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (peers, rate, secs) = (flag("--peers", 50), flag("--rate", 20), flag("--secs", 60));
+        println!(
+            "## Load: {peers} contacts × {rate} msg/s × {secs} s into one `coterie run` (127.0.0.1)"
+        );
+        let f = coterie_tests::load::run(tmp.path(), peers, rate as u32, secs as u64);
+        println!("{f}");
         return;
     }
     if matches!(what, "all" | "omemo") {
