@@ -50,18 +50,22 @@ fn delivered(n: &NodeProc, contact: &str) -> usize {
 
 #[test]
 fn lossy_flapping_lan_delivers_every_message_exactly_once_in_order() {
-    // (messages, first cut after, then every, each lasting)
-    let (count, first_cut, cut_every, cut_for) = if soak() {
+    // (messages, one every, first cut after, then every, each lasting)
+    let (count, pace, first_cut, cut_every, cut_for) = if soak() {
+        // Written over about 2.5 minutes, as people chat: five cuts fall
+        // mid-stream.
         (
             10_000,
+            Duration::from_millis(15),
             Duration::from_secs(30),
             Duration::from_secs(30),
             Duration::from_secs(5),
         )
     } else {
-        // While the sender is still queueing: the cut always falls mid-run.
+        // As fast as the sender queues; the cut falls while it still does.
         (
             300,
+            Duration::ZERO,
             Duration::from_millis(300),
             Duration::from_secs(30),
             Duration::from_secs(5),
@@ -109,6 +113,7 @@ fn lossy_flapping_lan_delivers_every_message_exactly_once_in_order() {
         for body in &bodies {
             ctl.call(&json!({"cmd": "send", "contact": b.name, "text": body}))
                 .expect("send");
+            std::thread::sleep(pace);
         }
         let sent_in = t0.elapsed();
         wait_for(
