@@ -43,6 +43,11 @@ pub struct Figures {
     pub rss_kib: (u64, u64),
     /// Hub CPU time during the run, seconds (user + system).
     pub cpu_secs: f64,
+    /// CPU time of this process (the peers) during the run, seconds.
+    pub peers_cpu_secs: f64,
+    /// How long a peer's send call took (sealing and storing the message
+    /// at the sender), ms: p50, p99.
+    pub send_call_ms: (f64, f64),
     /// Wall time of the sending phase plus the drain.
     pub wall: Duration,
 }
@@ -55,7 +60,8 @@ impl std::fmt::Display for Figures {
             "{peers} peers × {rate} msg/s × {secs} s: sent {}, stored {} (lost {}, duplicated {}, \
              undecryptable {}); latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; drained {:.1?} \
              after the last send; hub RSS {} KiB before, peak {} KiB; hub CPU {:.1} s in {:.1?} \
-             ({:.0} % of one core)",
+             ({:.0} % of one core); the peers' process {:.1} s of CPU; a peer's send call p50 \
+             {:.1} ms, p99 {:.1} ms",
             self.sent,
             self.unique,
             self.lost,
@@ -69,7 +75,10 @@ impl std::fmt::Display for Figures {
             self.rss_kib.1,
             self.cpu_secs,
             self.wall,
-            100.0 * self.cpu_secs / self.wall.as_secs_f64()
+            100.0 * self.cpu_secs / self.wall.as_secs_f64(),
+            self.peers_cpu_secs,
+            self.send_call_ms.0,
+            self.send_call_ms.1,
         )
     }
 }
@@ -170,29 +179,34 @@ pub fn run(root: &Path, peers: usize, rate: u32, secs: u64) -> Figures {
     });
     let rss0 = proc_status(pid, "VmRSS:");
     let cpu0 = cpu_secs(pid);
+    let me = std::process::id();
+    let peers_cpu0 = cpu_secs(me);
     let t0 = Instant::now();
     let per_peer = (u64::from(rate) * secs) as usize;
     // Each peer sends on its own clock, `rate` a second.
-    let sent: usize = rt.block_on(async {
+    let (sent, mut calls): (usize, Vec<f64>) = rt.block_on(async {
         let mut tasks = Vec::new();
         for (p, n) in nodes.iter().enumerate() {
             let n = n.clone();
             tasks.push(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut calls = Vec::with_capacity(per_peer);
                 for i in 0..per_peer {
                     tick.tick().await;
                     let body = format!("{MARK}{p:02}-{i:06}-{}", unix_ms());
+                    let t = Instant::now();
                     n.send("hub", &body).await.expect("send");
+                    calls.push(t.elapsed().as_secs_f64() * 1000.0);
                 }
-                per_peer
+                calls
             }));
         }
-        let mut total = 0;
+        let mut calls = Vec::new();
         for t in tasks {
-            total += t.await.expect("sender");
+            calls.extend(t.await.expect("sender"));
         }
-        total
+        (calls.len(), calls)
     });
     let sent_done = Instant::now();
     // Drain: until the hub holds every message (or it stops growing).
@@ -212,6 +226,14 @@ pub fn run(root: &Path, peers: usize, rate: u32, secs: u64) -> Figures {
     let drain = sent_done.elapsed();
     let wall = t0.elapsed();
     let cpu = cpu_secs(pid) - cpu0;
+    let peers_cpu = cpu_secs(me) - peers_cpu0;
+    calls.sort_by(|a, b| a.total_cmp(b));
+    let call_q = |p: f64| {
+        calls
+            .get(((calls.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     let peak = proc_status(pid, "VmHWM:");
 
     let mut seen = HashSet::new();
@@ -257,6 +279,8 @@ pub fn run(root: &Path, peers: usize, rate: u32, secs: u64) -> Figures {
         drain,
         rss_kib: (rss0, peak),
         cpu_secs: cpu,
+        peers_cpu_secs: peers_cpu,
+        send_call_ms: (call_q(0.5), call_q(0.99)),
         wall,
     };
     rt.block_on(async {

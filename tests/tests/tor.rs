@@ -589,7 +589,10 @@ fn onion_sessions_ride_out_relay_failures() {
     let t = chat_through_trouble(&mut tor, run_for, &[]);
     eprintln!("{t:?}");
     assert!(t.relay_kills >= 3, "{t:?}");
-    assert!(t.sent_each_way * 2 >= if soak { 1000 } else { 200 }, "{t:?}");
+    assert!(
+        t.sent_each_way * 2 >= if soak { 1000 } else { 200 },
+        "{t:?}"
+    );
 }
 
 /// Soak (about 15 minutes; `tests/soak` runs it): across two onion-service
