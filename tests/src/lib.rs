@@ -473,6 +473,20 @@ pub fn texts(n: &NodeProc, contact: &str) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// Sends `body` from `from` to `to` and waits until it is delivered
+/// (stored at `to`, receipt back); returns how long that took. Panics
+/// after 30 s.
+pub fn round_trip(from: &NodeProc, to: &NodeProc, body: &str) -> Duration {
+    let t = Instant::now();
+    from.send(&to.name, body);
+    wait_for(
+        &format!("{body} delivered"),
+        Duration::from_secs(30),
+        || delivered(from, &to.name, body).then_some(()),
+    );
+    t.elapsed()
+}
+
 /// Whether `n` has a message `body` to `contact` marked delivered.
 pub fn delivered(n: &NodeProc, contact: &str, body: &str) -> bool {
     texts(n, contact)

@@ -115,7 +115,8 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn fast_profile(dir: &Path, name: &str) {
+/// Creates a profile named `name` in `dir`, in-process (no `coterie init`).
+pub fn create_profile(dir: &Path, name: &str, passphrase: &str, kdf: KdfParams) {
     let p = Profile {
         name: name.into(),
         seed: rand::random(),
@@ -125,6 +126,10 @@ fn fast_profile(dir: &Path, name: &str) {
         bridge: None,
         settings: Default::default(),
     };
+    Store::create(dir, passphrase, &p, kdf).expect("create a profile");
+}
+
+fn fast_profile(dir: &Path, name: &str) {
     // A test profile: a light key derivation (the hub, a real `coterie
     // init`, has the default one).
     let kdf = KdfParams {
@@ -132,7 +137,7 @@ fn fast_profile(dir: &Path, name: &str) {
         t: 1,
         ..KdfParams::recommended()
     };
-    Store::create(dir, crate::PASSPHRASE, &p, kdf).expect("peer profile");
+    create_profile(dir, name, crate::PASSPHRASE, kdf);
 }
 
 /// Runs the load and returns its figures. Panics with a clear message if

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use coterie_tests::raw::RawPeer;
-use coterie_tests::{NodeProc, assert_nothing_plain, introduce, texts, wait_for};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use coterie_tests::{NodeProc, assert_nothing_plain, introduce, round_trip, texts, wait_for};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// The stranger's own loopback address: the node tells it apart from the
@@ -25,22 +25,6 @@ fn soak() -> bool {
     std::env::var_os("COTERIE_SOAK").is_some()
 }
 
-fn round_trip(from: &NodeProc, to: &NodeProc, body: &str) -> Duration {
-    let t = Instant::now();
-    from.send(&to.name, body);
-    wait_for(
-        &format!("{body} delivered"),
-        Duration::from_secs(30),
-        || {
-            texts(from, &to.name)
-                .iter()
-                .any(|(d, b, s)| d == "out" && b == body && s == "delivered")
-                .then_some(())
-        },
-    );
-    t.elapsed()
-}
-
 async fn from_stranger(port: u16) -> std::io::Result<TcpStream> {
     let s = TcpSocket::new_v4()?;
     s.bind(SocketAddr::from((STRANGER, 0)))?;
@@ -49,7 +33,7 @@ async fn from_stranger(port: u16) -> std::io::Result<TcpStream> {
 
 /// How long until the node closed `s` (a read gives 0 or an error), at
 /// most `limit`.
-async fn closed_after(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
+async fn closed_after<R: AsyncRead + Unpin>(s: &mut R, limit: Duration) -> Option<Duration> {
     let t = Instant::now();
     let mut buf = [0u8; 4096];
     loop {
@@ -130,13 +114,8 @@ fn strangers_holding_trickling_and_flooding_sockets_spare_contacts() {
                         tokio::time::sleep(Duration::from_millis(300)).await;
                     }
                 });
-                let mut buf = [0u8; 1024];
-                loop {
-                    match tokio::time::timeout(limit, r.read(&mut buf)).await {
-                        Ok(Ok(0)) | Ok(Err(_)) => break,
-                        Ok(Ok(_)) => {}
-                        Err(_) => panic!("a slow-loris handshake outlived {limit:?}"),
-                    }
+                if closed_after(&mut r, limit).await.is_none() {
+                    panic!("a slow-loris handshake outlived {limit:?}");
                 }
                 trickle.abort();
                 fig.slowest_cut_ms
@@ -158,14 +137,9 @@ fn strangers_holding_trickling_and_flooding_sockets_spare_contacts() {
                 let writer = tokio::spawn(async move {
                     let _ = w.write_all(&junk).await;
                 });
-                let mut buf = [0u8; 4096];
                 let t = Instant::now();
-                loop {
-                    match tokio::time::timeout(limit, r.read(&mut buf)).await {
-                        Ok(Ok(0)) | Ok(Err(_)) => break,
-                        Ok(Ok(_)) => {}
-                        Err(_) => panic!("a 16 MiB garbage sender was not cut off"),
-                    }
+                if closed_after(&mut r, limit).await.is_none() {
+                    panic!("a 16 MiB garbage sender was not cut off");
                 }
                 writer.abort();
                 fig.slowest_cut_ms

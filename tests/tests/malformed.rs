@@ -2,26 +2,10 @@
 //! with the right stream error, the node keeps running, other contacts are
 //! unaffected and nothing stored is lost.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use coterie_tests::raw::RawPeer;
-use coterie_tests::{NodeProc, running_pair, texts, wait_for};
-
-fn round_trip(from: &NodeProc, to: &NodeProc, body: &str) -> Duration {
-    let t = Instant::now();
-    from.send(&to.name, body);
-    wait_for(
-        &format!("{body} delivered"),
-        Duration::from_secs(20),
-        || {
-            texts(from, &to.name)
-                .iter()
-                .any(|(d, b, s)| d == "out" && b == body && s == "delivered")
-                .then_some(())
-        },
-    );
-    t.elapsed()
-}
+use coterie_tests::{round_trip, running_pair, texts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_corpus_closes_only_the_offending_stream() {

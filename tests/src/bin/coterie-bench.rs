@@ -22,7 +22,7 @@ use coterie_tests::prosody::Prosody;
 use node::runtime::{Node, NodeConfig, NodeEvent};
 use node::settings::Padding;
 use node::store::crypto::KdfParams;
-use node::store::{DEFAULT_RETENTION_DAYS, Delivery, Direction, Message, Profile, Store};
+use node::store::{Delivery, Direction, Message, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PASS: &str = "benchmark passphrase";
@@ -38,16 +38,7 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 fn create(dir: &Path, name: &str) {
-    let p = Profile {
-        name: name.into(),
-        seed: rand::random(),
-        created: 0,
-        retention_days: DEFAULT_RETENTION_DAYS,
-        last_addrs: vec![],
-        bridge: None,
-        settings: Default::default(),
-    };
-    Store::create(dir, PASS, &p, KdfParams::recommended()).expect("create");
+    coterie_tests::load::create_profile(dir, name, PASS, KdfParams::recommended());
 }
 
 async fn open_retry(dir: &Path) -> Store {
