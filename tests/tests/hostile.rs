@@ -292,10 +292,13 @@ fn a_frozen_contact_is_cut_off_not_buffered_and_gets_everything_later() {
         },
     );
     let drained = t1.elapsed();
-    let got: Vec<String> = texts(&bob, &alice.name)
-        .into_iter()
-        .filter(|(d, b, _)| d == "in" && b.starts_with("while frozen"))
-        .map(|(_, b, _)| b)
+    let got: Vec<String> = bob
+        .history(&alice.name, 1_000_000)
+        .iter()
+        .filter(|m| m["dir"] == "in")
+        .filter_map(|m| m["body"].as_str())
+        .filter(|b| b.starts_with("while frozen"))
+        .map(str::to_string)
         .collect();
     assert!(
         got == bodies,

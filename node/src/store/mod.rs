@@ -127,6 +127,17 @@ pub enum RedeemError {
     AlreadyContact,
 }
 
+/// The most memory the database's page cache may take. redb's default is
+/// 1 GiB: a profile that grew (a long history, an outbox of thousands for a
+/// contact who is away) would let the node's memory grow with it.
+pub const DB_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+fn db_builder() -> redb::Builder {
+    let mut b = redb::Builder::new();
+    b.set_cache_size(DB_CACHE_BYTES);
+    b
+}
+
 /// An open, unlocked profile store.
 pub struct Store {
     db: Database,
@@ -208,7 +219,9 @@ impl Store {
         let kek = derive_kek_or(dir, passphrase, &kdf)?;
         let (key, raw) = DataKey::generate();
         let wrapped = DataKey::wrap(&kek, &raw);
-        let db = Database::create(&path).map_err(|e| map_db_open(dir, e))?;
+        let db = db_builder()
+            .create(&path)
+            .map_err(|e| map_db_open(dir, e))?;
         {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
@@ -275,7 +288,7 @@ impl Store {
         if !path.exists() {
             return Err(OpenStoreError::NoProfile(dir.to_path_buf()));
         }
-        let db = Database::open(&path).map_err(|e| map_db_open(dir, e))?;
+        let db = db_builder().open(&path).map_err(|e| map_db_open(dir, e))?;
         let (kdf, wrapped) = {
             let rx = db.begin_read().map_err(|e| corrupt(dir, e))?;
             let meta = rx.open_table(META).map_err(|e| corrupt(dir, e))?;
