@@ -382,6 +382,21 @@ fn passphrase(confirm: bool) -> Result<zeroize::Zeroizing<String>, Fail> {
     Ok(first)
 }
 
+/// Fails with what to do when a node runs on the profile (`action` needs
+/// the profile to itself).
+fn node_stopped(dir: &Path, action: &str) -> Result<(), Fail> {
+    let rt = runtime()?;
+    if ask_node(&rt, dir, &Request::Status)?.is_some() {
+        return Err(fail(
+            7,
+            format!(
+                "a node is running on this profile: stop it first (`coterie stop`), then {action}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn open(dir: &Path) -> Result<Store, Fail> {
     if !Store::exists(dir) {
         return Err(OpenStoreError::NoProfile(dir.to_path_buf()).into());
@@ -940,13 +955,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
             Ok(())
         }
         Cmd::Compact => {
-            let rt = runtime()?;
-            if ask_node(&rt, dir, &Request::Status)?.is_some() {
-                return Err(fail(
-                    7,
-                    "a node is running on this profile: stop it first (`coterie stop`), then compact",
-                ));
-            }
+            node_stopped(dir, "compact")?;
             let mut store = open(dir)?;
             let (before, after) = store.compact().map_err(ops::OpError::from)?;
             if out.json {
@@ -964,13 +973,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<(), Fail> {
             if !Store::exists(dir) {
                 return Err(OpenStoreError::NoProfile(dir.to_path_buf()).into());
             }
-            let rt = runtime()?;
-            if ask_node(&rt, dir, &Request::Status)?.is_some() {
-                return Err(fail(
-                    7,
-                    "a node is running on this profile: stop it first (`coterie stop`)",
-                ));
-            }
+            node_stopped(dir, "wipe")?;
             if !yes {
                 eprint!(
                     "This destroys {} and every message and contact in it, irrecoverably. Type `wipe` to confirm: ",

@@ -1056,13 +1056,9 @@ async fn store_batch(
     for seq in sent {
         let _ = shared.events.send(NodeEvent::Sent { contact, seq });
     }
-    shared
-        .stats
-        .messages_in
-        .fetch_add(res.new_messages.len() as u64, Ordering::Relaxed);
     for &seq in &res.new_messages {
         tracing::debug!(seq, "message stored");
-        let _ = shared.events.send(NodeEvent::Received { contact, seq });
+        shared.message_stored(contact, seq);
     }
     for &seq in &res.delivered {
         let _ = shared.events.send(NodeEvent::Delivered { contact, seq });

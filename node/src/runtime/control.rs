@@ -318,24 +318,27 @@ async fn handle_client(
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     loop {
-        let resp = match next_request(&mut rd).await? {
+        // (the answer, whether the connection ends after it)
+        let (resp, last) = match next_request(&mut rd).await? {
             Line::End => break,
             Line::TooLong => {
                 let e = format!("control request longer than {MAX_REQUEST} bytes");
-                let mut out =
-                    serde_json::to_vec(&Response::err(&OpError::Usage(e))).unwrap_or_default();
-                out.push(b'\n');
-                wr.write_all(&out).await?;
-                break;
+                (Response::err(&OpError::Usage(e)), true)
             }
             Line::Request(line) => match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => dispatch(&shared, req, &stop).await,
-                Err(e) => Response::err(&OpError::Usage(format!("bad control request: {e}"))),
+                Ok(req) => (dispatch(&shared, req, &stop).await, false),
+                Err(e) => {
+                    let e = format!("bad control request: {e}");
+                    (Response::err(&OpError::Usage(e)), false)
+                }
             },
         };
         let mut out = serde_json::to_vec(&resp).unwrap_or_default();
         out.push(b'\n');
         wr.write_all(&out).await?;
+        if last {
+            break;
+        }
     }
     Ok(())
 }

@@ -150,15 +150,9 @@ pub(crate) async fn received(
         st.offers.insert(contact, o);
         st.left.retain(|(h, _), _| *h != contact);
     }
-    shared.stats.messages_in.fetch_add(
-        changes.messages.len() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
     for &(c, seq) in &changes.messages {
         tracing::debug!(seq, "message stored (held)");
-        let _ = shared
-            .events
-            .send(super::NodeEvent::Received { contact: c, seq });
+        shared.message_stored(c, seq);
     }
     for c in changes.queued_for {
         shared.outbox_grew(c);

@@ -271,6 +271,13 @@ pub(crate) async fn db<T: Send + 'static>(
 }
 
 impl Shared {
+    /// A message from `contact` was stored (directly or held for us):
+    /// counted for `status` and announced to subscribers.
+    pub(crate) fn message_stored(&self, contact: u64, seq: u64) {
+        self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+        let _ = self.events.send(NodeEvent::Received { contact, seq });
+    }
+
     pub(crate) fn kick(&self, contact: u64) -> Arc<Notify> {
         let mut k = self.kicks.lock().unwrap_or_else(|e| e.into_inner());
         k.entry(contact)
